@@ -1,0 +1,92 @@
+"""The one registry of capsules: built-in YAML in `conf/capsule/` plus users' config dirs.
+
+A capsule file is data, never code: it is validated against `CapsuleConfig` (unknown keys,
+`_target_` included, fail with the key and the file named) and nothing in it is instantiated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ebm_vae.config import CapsuleConfig, config_dir
+
+
+class CapsuleError(ValueError):
+    """A capsule definition that cannot be used; the message names the file and the key."""
+
+
+def parse_capsule(data: Mapping[str, Any] | Any, source: str = "<config>") -> CapsuleConfig:
+    """Validate one capsule definition (a mapping or a DictConfig) into a plain `CapsuleConfig`."""
+    if OmegaConf.is_config(data):
+        data = OmegaConf.to_container(data, resolve=True)
+    if not isinstance(data, Mapping):
+        raise CapsuleError(f"{source}: a capsule must be a mapping, got {type(data).__name__}")
+    data = {k: v for k, v in data.items() if k != "defaults"}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(CapsuleConfig), data)
+        capsule = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        raise CapsuleError(f"{source}: invalid capsule key '{key}': {exc.msg if hasattr(exc, 'msg') else exc}") from None
+    if capsule.units and capsule.variables and len(capsule.units) != len(capsule.variables):
+        raise CapsuleError(
+            f"{source}: capsule.units has {len(capsule.units)} entries for "
+            f"{len(capsule.variables)} variables"
+        )
+    if not (capsule.match.name or capsule.match.attrs or capsule.match.columns):
+        raise CapsuleError(f"{source}: capsule '{capsule.name}' has no match rule (match.name/attrs/columns)")
+    from ebm_vae.data.extractors import EXTRACTORS  # the extractor registry validates its params
+
+    if capsule.extractor not in EXTRACTORS:
+        raise CapsuleError(
+            f"{source}: capsule.extractor '{capsule.extractor}' is unknown; known: {sorted(EXTRACTORS)}"
+        )
+    return capsule
+
+
+def load_capsule_file(path: str | Path) -> CapsuleConfig:
+    path = Path(path)
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as exc:  # YAML syntax errors and unreadable files
+        raise CapsuleError(f"{path}: cannot read capsule file: {exc}") from None
+    capsule = parse_capsule(data, source=str(path))
+    if capsule.name != path.stem:
+        raise CapsuleError(f"{path}: capsule.name '{capsule.name}' differs from the file name '{path.stem}'")
+    return capsule
+
+
+def capsule_dirs(search_path: Iterable[str | Path] = ()) -> list[Path]:
+    """Built-in capsule dir first, then each user config dir's `capsule/` (later ones win)."""
+    dirs = [config_dir() / "capsule"]
+    for entry in search_path:
+        d = Path(entry)
+        dirs.append(d / "capsule" if (d / "capsule").is_dir() else d)
+    return dirs
+
+
+def visible_capsules(search_path: Iterable[str | Path] = ()) -> dict[str, CapsuleConfig]:
+    """Every capsule the crawl can assign files to: built-in ones and users' (same name replaces)."""
+    capsules: dict[str, CapsuleConfig] = {}
+    for d in capsule_dirs(search_path):
+        for path in sorted(d.glob("*.yaml")):
+            capsule = load_capsule_file(path)
+            capsules[capsule.name] = capsule
+    return capsules
+
+
+def hydra_search_path() -> list[str]:
+    """User config dirs of the running Hydra app (`--config-dir`, `hydra.searchpath`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    builtin = config_dir().resolve()
+    dirs = []
+    for source in HydraConfig.get().runtime.config_sources:
+        if source.schema == "file" and Path(source.path).resolve() != builtin:
+            dirs.append(source.path)
+    return dirs

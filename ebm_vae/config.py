@@ -1,0 +1,131 @@
+"""Typed config schemas, the location of `conf/`, and composing configs outside Hydra apps.
+
+The dataclasses here are registered in Hydra's ConfigStore as the base of the matching
+`conf/<group>/default.yaml`, so a misspelt key or a wrong type fails at compose time with
+the key's name. `_target_` appears only in the groups that plug in (model, trainer,
+logger, callbacks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+def config_dir() -> Path:
+    """The directory holding the top-level `conf/`.
+
+    From a checkout (or an editable install) it is the repository's `conf/`; from a wheel
+    it is `ebm_vae/conf`, copied in at build time (see `pyproject.toml`).
+    """
+    packaged = Path(__file__).resolve().parent / "conf"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class PathsConfig:
+    """Every output lives under `root`; nothing is written into the data tree."""
+
+    root: str = "."
+    index: str = "${paths.root}/index"
+    checkpoints: str = "${paths.root}/checkpoints"
+    energy_maps: str = "${paths.root}/energy_maps"
+    logs: str = "${paths.root}/logs"
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # the data tree; train/export fall back to the manifest's root
+    batch_size: int = 1024
+    num_workers: int = 0
+    unit_samples: int = 65536  # samples per work unit (rows or snapshots)
+    unit_bytes: int = 64 * 2**20  # bytes per work unit for CSV (split at line ends)
+    shuffle_buffer: int = 65536  # samples held for the in-memory shuffle
+    val_fraction: float = 0.1  # fraction of work units held out for validation
+    seed: int = 0
+    pin_memory: bool | None = None  # None = pin when CUDA is available
+    batches_per_epoch: int | None = None  # None = derived from the manifest, equal for every rank
+
+
+@dataclass
+class CrawlConfig:
+    workers: int = 8  # threads inspecting files (I/O bound)
+    stats: bool = True  # run the statistics pass for capsules with new or changed files
+    progress: bool = True
+    stats_reservoir: int = 4096  # samples kept for the principal basis of field states
+    n_components: int = 16  # principal components stored for field states
+
+
+@dataclass
+class ExportConfig:
+    method: str = "vae"  # vae | histogram
+    k: int = 64  # importance samples; 1 = negative ELBO
+    resolution: int = 128  # grid points per axis
+    axes: list[str] | None = None  # state components or pc1, pc2, ...; default: first two / pc1, pc2
+    limits: list[list[float]] | None = None  # [[lo, hi], ...] physical units; default from stats
+    reference: dict[str, float] = field(default_factory=dict)  # held values of off-grid components
+    out: str | None = None  # default ${paths.energy_maps}/<capsule>.npz
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    chunk_points: int | None = None  # grid points per evaluation chunk; None = sized to memory
+    plot: bool = True
+
+
+@dataclass
+class MatchConfig:
+    name: list[str] = field(default_factory=list)  # fnmatch patterns, case-insensitive
+    attrs: dict[str, str] = field(default_factory=dict)  # global attributes / key-value metadata
+    columns: list[str] = field(default_factory=list)  # table header columns that must all be present
+
+
+@dataclass
+class CapsuleConfig:
+    """One physics domain. User capsules are YAML files in `<config-dir>/capsule/NAME.yaml`."""
+
+    name: str = MISSING
+    match: MatchConfig = field(default_factory=MatchConfig)
+    extractor: str = "table"  # fusion | wafer | grid | table
+    variables: list[str] = field(default_factory=list)
+    units: list[str] = field(default_factory=list)
+    formats: list[str] = field(default_factory=list)  # empty = whatever the extractor reads
+    params: dict[str, Any] = field(default_factory=dict)  # extractor parameters
+
+
+_store = ConfigStore.instance()
+_store.store(group="paths", name="paths_schema", node=PathsConfig)
+_store.store(group="data", name="data_schema", node=DataConfig)
+_store.store(group="crawl", name="crawl_schema", node=CrawlConfig)
+_store.store(group="export", name="export_schema", node=ExportConfig)
+
+
+def to_container(cfg: Any) -> Any:
+    """Plain dicts/lists (resolved) for checkpoints and JSON: OmegaConf objects must not leak."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def compose(config_name: str, overrides: list[str] | None = None,
+            extra_dirs: list[str | Path] | None = None) -> DictConfig:
+    """Compose `conf/<config_name>.yaml` as the apps do (for tests, scripts and notebooks).
+
+    `extra_dirs` play the role of `--config-dir`: their groups extend or replace the built-in ones.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides or [])
+    dirs = [str(Path(d).resolve()) for d in (extra_dirs or [])]
+    if dirs:
+        overrides.append(f"hydra.searchpath=[{','.join('file://' + d for d in dirs)}]")
+        overrides.append(f"capsule_search_path=[{','.join(dirs)}]")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)

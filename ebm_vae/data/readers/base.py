@@ -1,0 +1,105 @@
+"""What every format reader offers: sniffing, metadata-only inspection, and lazy range reads.
+
+Two kinds of handle exist because the formats are of two kinds: array files (HDF5, NetCDF)
+whose variables are read by hyperslab, and tables (Parquet, CSV) read as column batches over
+a range of their *extent* (rows for Parquet; bytes, split at line ends, for CSV).
+Handles are opened inside the worker process that uses them, never before a fork.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+class ReadError(Exception):
+    """A file that cannot be read as its format; the message is the one-line reason."""
+
+
+@dataclass
+class VariableInfo:
+    name: str  # HDF5: full path without leading '/', e.g. "t1_fields/magnetic_field"
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype string, e.g. "float32"
+    dims: tuple[str, ...] = ()  # dimension names where the format has them (NetCDF, HDF5 dims)
+    attrs: dict[str, Any] = field(default_factory=dict)  # e.g. {"units": "K"}
+
+
+@dataclass
+class FileInfo:
+    format: str
+    attrs: dict[str, str]  # global attributes / key-value metadata, values as strings
+    variables: list[VariableInfo]  # datasets/variables, or table columns with shape (n_rows,)
+    n_rows: int | None = None  # tables: number of data rows; arrays: None
+
+
+class ArrayHandle(ABC):
+    """An open HDF5/NetCDF file."""
+
+    attrs: dict[str, str]
+    variables: dict[str, VariableInfo]
+
+    @abstractmethod
+    def read(self, name: str, selection: tuple[Any, ...] = ()) -> np.ndarray:
+        """Read `variables[name][selection]` (ints and slices per axis) without touching the rest."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TableHandle(ABC):
+    """An open Parquet/CSV file read as column batches."""
+
+    attrs: dict[str, str]
+    columns: dict[str, VariableInfo]
+    extent: int  # the addressable length: rows (Parquet) or bytes (CSV)
+    extent_unit: str  # "rows" or "bytes"
+
+    @abstractmethod
+    def iter_batches(self, columns: list[str], start: int = 0, stop: int | None = None,
+                     batch_rows: int = 65536) -> Iterator[dict[str, np.ndarray]]:
+        """Yield dicts of 1-D arrays for `columns` over [start, stop) of the extent, in order.
+
+        Non-numeric values in a numeric column become NaN (counted and dropped downstream).
+        Every row belongs to exactly one range of a partition of [0, extent).
+        """
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Reader(ABC):
+    """One per format; registered in `ebm_vae.data.readers.READERS` under `format`."""
+
+    format: ClassVar[str]
+    extensions: ClassVar[tuple[str, ...]]
+    kind: ClassVar[str]  # "array" or "table"
+
+    @abstractmethod
+    def sniff(self, head: bytes, path: Path) -> bool:
+        """True when the first bytes (>= 512 or the whole file) say this is our format."""
+
+    @abstractmethod
+    def inspect(self, path: Path) -> FileInfo:
+        """Metadata only (names, shapes, dtypes, attributes, row count); raise ReadError."""
+
+    @abstractmethod
+    def open(self, path: Path) -> ArrayHandle | TableHandle:
+        """Open lazily for range reads; raise ReadError."""
