@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ebm_vae.data.extractors.base import Extractor, ExtractError, FilePlan, StateInfo
+from ebm_vae.data.extractors.base import ExtractError, Extractor, FilePlan, StateInfo
 from ebm_vae.data.extractors.fusion import FusionExtractor
 from ebm_vae.data.extractors.grid import GridExtractor
 from ebm_vae.data.extractors.table import TableExtractor

@@ -7,8 +7,9 @@ C-order over `StateInfo.shape`. It never loads a whole file: `iter_states` reads
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,15 +37,30 @@ class StateInfo:
         return int(np.prod(self.shape))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "shape": list(self.shape), "names": list(self.names),
-                "units": list(self.units), "channel_names": list(self.channel_names),
-                "channel_units": list(self.channel_units)}
+        """Compact plain dict (checkpoint hparams, JSON): field names are regenerated, not stored."""
+        d = {"kind": self.kind, "shape": list(self.shape), "channel_names": list(self.channel_names),
+             "channel_units": list(self.channel_units)}
+        if self.kind != "field":
+            d.update(names=list(self.names), units=list(self.units))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StateInfo:
+        if d["kind"] == "field":
+            return cls.field(d["channel_names"], d["channel_units"], tuple(d["shape"][1:]))
         return cls(kind=d["kind"], shape=tuple(d["shape"]), names=tuple(d["names"]),
                    units=tuple(d["units"]), channel_names=tuple(d.get("channel_names", ())),
                    channel_units=tuple(d.get("channel_units", ())))
+
+    @classmethod
+    def field(cls, channel_names: Sequence[str], channel_units: Sequence[str],
+              spatial: tuple[int, ...]) -> StateInfo:
+        """A (C, H, W) field state; flat names follow the C-order reshape: Bx[0,0], Bx[0,1], ..."""
+        pixels = list(itertools.product(*(range(n) for n in spatial)))
+        names = tuple(f"{c}[{','.join(map(str, ij))}]" for c in channel_names for ij in pixels)
+        units = tuple(u for u in channel_units for _ in pixels)
+        return cls(kind="field", shape=(len(channel_names), *spatial), names=names, units=units,
+                   channel_names=tuple(channel_names), channel_units=tuple(channel_units))
 
 
 @dataclass(frozen=True)
