@@ -47,6 +47,8 @@ class DataConfig:
     unit_samples: int = 65536  # samples per work unit (rows or snapshots)
     unit_bytes: int = 64 * 2**20  # bytes per work unit for CSV (split at line ends)
     shuffle_buffer: int = 65536  # samples held for the in-memory shuffle
+    shuffle_buffer_bytes: int = 256 * 2**20  # ... and at most this many bytes of them (field states)
+    chunk_bytes: int = 8 * 2**20  # bytes of float32 states per extractor read
     val_fraction: float = 0.1  # fraction of work units held out for validation
     seed: int = 0
     pin_memory: bool | None = None  # None = pin when CUDA is available

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ebm_vae.config import CapsuleConfig
-from ebm_vae.data.readers.base import ArrayHandle, FileInfo, TableHandle
+from ebm_vae.data.readers.base import ArrayHandle, FileInfo, TableHandle, VariableInfo
 
 
 class ExtractError(Exception):
@@ -80,6 +80,11 @@ class Extractor(ABC):
     def __init__(self, capsule: CapsuleConfig):
         self.capsule = capsule
 
+    def check_format(self, info: FileInfo) -> None:
+        if info.format not in self.formats:
+            raise ExtractError(f"format '{info.format}' not supported by the {self.name} extractor "
+                               f"(reads {', '.join(self.formats)})")
+
     @abstractmethod
     def plan(self, info: FileInfo) -> FilePlan:
         """From metadata alone; raise ExtractError naming what is missing or wrong."""
@@ -91,3 +96,49 @@ class Extractor(ABC):
 
         NaN/Inf values pass through (the stream counts and drops them).
         """
+
+
+def variables_of(source: FileInfo | ArrayHandle | TableHandle) -> dict[str, VariableInfo]:
+    """Name -> VariableInfo, from a FileInfo (crawl time) or an open handle (stream time).
+
+    Extractors derive their layout from this one mapping, so `plan` and `iter_states` agree.
+    """
+    if isinstance(source, FileInfo):
+        return {v.name: v for v in source.variables}
+    if isinstance(source, TableHandle):
+        return dict(source.columns)
+    return dict(source.variables)
+
+
+def require(variables: dict[str, VariableInfo], names: Sequence[str]) -> None:
+    missing = [n for n in names if n not in variables]
+    if missing:
+        raise ExtractError(f"missing variables {missing}")
+
+
+def table_extent(info: FileInfo) -> tuple[int, int]:
+    """(n_rows, extent) of a table file: rows for Parquet, bytes (split at line ends) for CSV."""
+    if info.n_rows is None:
+        raise ExtractError(f"the {info.format} reader reported no row count")
+    extent = info.extent if info.extent is not None else (info.n_rows if info.format != "csv" else None)
+    if extent is None:
+        raise ExtractError("the csv reader reported no byte extent")
+    return int(info.n_rows), int(extent)
+
+
+def pool_factor(params: dict[str, Any]) -> int:
+    pool = int(params.get("pool", 1) or 1)
+    if pool < 1:
+        raise ExtractError(f"params.pool must be >= 1, got {pool}")
+    return pool
+
+
+def avg_pool(block: np.ndarray, factor: int) -> np.ndarray:
+    """Average-pool the last two axes by `factor`; trailing rows/columns that do not fill a
+    whole window are dropped (so H, W = floor(H / factor), floor(W / factor))."""
+    if factor == 1:
+        return block
+    *lead, h, w = block.shape
+    hp, wp = h // factor, w // factor
+    block = block[..., : hp * factor, : wp * factor]
+    return block.reshape(*lead, hp, factor, wp, factor).mean(axis=(-3, -1), dtype=np.float32)

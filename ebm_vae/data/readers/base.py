@@ -36,6 +36,7 @@ class FileInfo:
     attrs: dict[str, str]  # global attributes / key-value metadata, values as strings
     variables: list[VariableInfo]  # datasets/variables, or table columns with shape (n_rows,)
     n_rows: int | None = None  # tables: number of data rows; arrays: None
+    extent: int | None = None  # tables: TableHandle.extent (rows for Parquet, bytes for CSV)
 
 
 class ArrayHandle(ABC):
@@ -103,3 +104,35 @@ class Reader(ABC):
     @abstractmethod
     def open(self, path: Path) -> ArrayHandle | TableHandle:
         """Open lazily for range reads; raise ReadError."""
+
+
+def plain_value(value: Any) -> Any:
+    """An attribute value as plain Python (str, int, float, bool or a short list), for
+    VariableInfo.attrs: bytes are decoded, numpy scalars unwrapped, long arrays summarised."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.generic):
+        return plain_value(value.item())
+    if isinstance(value, np.ndarray):
+        if value.size == 1:
+            return plain_value(value.reshape(()).item())
+        if value.size <= 16:
+            return [plain_value(v) for v in value.ravel().tolist()]
+        return f"<{value.dtype} array {value.shape}>"
+    if isinstance(value, (list, tuple)):
+        return [plain_value(v) for v in value]
+    return value
+
+
+def attr_text(value: Any) -> str:
+    """A global attribute as the string matched by `capsule.match.attrs`."""
+    value = plain_value(value)
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of a library exception on one line (HDF5 and netCDF errors span several)."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

@@ -1,0 +1,306 @@
+"""Crawl a data tree into `index/manifest.parquet`: formats, capsules, variables, sample counts.
+
+Per file, metadata only: the first bytes give the format, the name and then the metadata
+(global attributes, key-value metadata, a table's header) give the capsule, and the capsule's
+extractor plans the file from the reader's `FileInfo`. A file that cannot be read gets a
+one-line `error`; nothing raises out of the crawl for a bad file.
+
+Re-crawls reuse the rows of files whose size and mtime are unchanged without opening them
+(unless the capsule definitions changed since the manifest was written).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.filesize import decimal
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ebm_vae import __version__
+from ebm_vae.capsules import visible_capsules
+from ebm_vae.config import CapsuleConfig
+from ebm_vae.crawl.manifest import SCHEMA, Manifest, ManifestEntry, read_manifest, write_manifest
+from ebm_vae.crawl.scan import FoundFile, scan
+from ebm_vae.data.extractors import EXTRACTORS, ExtractError
+from ebm_vae.data.readers import READERS, FileInfo, ReadError, read_head, sniff_format
+from ebm_vae.data.readers.base import one_line
+
+log = logging.getLogger(__name__)
+ERRORS_SHOWN = 10
+CHUNK_FILES = 64  # files per task sent to a worker process (amortises the round trip)
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """A capsule's match rules, compiled once per crawl."""
+
+    capsule: CapsuleConfig
+    names: tuple[tuple[str, re.Pattern], ...]
+    attrs: dict[str, str]
+    columns: tuple[str, ...]
+
+    @classmethod
+    def of(cls, capsule: CapsuleConfig) -> _Rules:
+        names = tuple((p, re.compile(fnmatch.translate(p.lower()))) for p in capsule.match.name)
+        attrs = {str(k): str(v).strip().lower() for k, v in capsule.match.attrs.items()}
+        return cls(capsule, names, attrs, tuple(capsule.match.columns))
+
+    def match(self, filename: str, info: FileInfo | None) -> str | None:
+        """The rule that assigns the file to this capsule, or None.
+
+        `name`: any pattern, case-insensitive. `attrs`: every key present with an equal value
+        (compared case-insensitively). `columns`: every column in a table's header.
+        """
+        lower = filename.lower()
+        for pattern, regex in self.names:
+            if regex.match(lower):
+                return f"name:{pattern}"
+        if info is None:
+            return None
+        if self.attrs and all(info.attrs.get(k, "").strip().lower() == v for k, v in self.attrs.items()):
+            return "attrs:" + ",".join(f"{k}={v}" for k, v in self.capsule.match.attrs.items())
+        if self.columns and info.n_rows is not None:
+            names = {v.name for v in info.variables}
+            if all(c in names for c in self.columns):
+                return "columns:" + ",".join(self.columns)
+        return None
+
+
+def capsules_fingerprint(capsules: Iterable[CapsuleConfig]) -> str:
+    """Changes when a capsule definition (or this package's version) changes: rows assigned
+    under other definitions must be re-assigned, even for unchanged files."""
+    payload = json.dumps([__version__, *(asdict(c) for c in capsules)], sort_keys=True, default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()
+
+
+def _formats(capsule: CapsuleConfig) -> tuple[str, ...]:
+    return tuple(capsule.formats) or EXTRACTORS[capsule.extractor].formats
+
+
+def identify(root: str, found: FoundFile, rules: list[_Rules]) -> ManifestEntry:
+    """The manifest row of one file; every failure becomes the row's one-line `error`."""
+    entry = ManifestEntry(found.relpath, found.size, found.mtime_ns)
+    path = Path(root, found.relpath)
+    info, read_error = None, None
+    try:
+        entry.format = sniff_format(path, read_head(path))
+    except OSError as exc:
+        read_error = f"cannot read: {exc.strerror or one_line(exc)}"
+    if found.size == 0:
+        read_error = "empty file"
+    elif entry.format is not None and read_error is None:
+        try:
+            info = READERS[entry.format].inspect(path)
+        except ReadError as exc:
+            read_error = str(exc)
+        except Exception as exc:  # a library failing on a damaged file in a way we did not foresee
+            read_error = f"unreadable {entry.format}: {type(exc).__name__}: {one_line(exc)}"
+    if info is not None:
+        entry.variables = info.variables
+    matches = [(r.capsule, rule) for r in rules if (rule := r.match(path.name, info)) is not None]
+    if not matches:
+        entry.error = read_error if entry.format is not None or found.size == 0 else None
+        return entry
+    capsule, entry.rule = matches[0]
+    entry.capsule = capsule.name
+    formats = _formats(capsule)
+    if len(matches) > 1:
+        names = [c.name for c, _ in matches]
+        entry.error = f"ambiguous: matches {', '.join(names[:-1])} and {names[-1]}"
+    elif entry.format not in formats and found.size > 0:
+        entry.error = (f"format not supported: {entry.format or 'unrecognised'} "
+                       f"({capsule.name} reads {', '.join(formats)})")
+    elif read_error is not None:
+        entry.error = read_error
+    else:
+        try:
+            plan = EXTRACTORS[capsule.extractor](capsule).plan(info)
+            entry.n_samples, entry.extent = int(plan.n_samples), int(plan.extent)
+        except ExtractError as exc:
+            entry.error = str(exc)
+        except Exception as exc:  # an extractor bug must not stop the crawl either
+            entry.error = f"cannot plan: {type(exc).__name__}: {one_line(exc)}"
+    return entry
+
+
+# Inspection runs in a pool of processes. h5py serialises every call behind one global lock
+# and our NetCDF reader another (netCDF-C is not thread-safe), and opening small files is CPU
+# work (HDF5 superblock and B-tree parsing, Arrow footer decoding) rather than waiting on I/O,
+# so threads stay near one core: measured on 2 cores, 10k small files, threads x 8 reached
+# ~1,150 files/s and threads x 2 ~1,100, processes x 2 ~2,400 (bench: `scripts/bench.py crawl`).
+# Worker processes are forked before any file is opened and before the progress bar starts.
+_worker_rules: list[_Rules] = []
+
+
+def _init_worker(rules: list[_Rules]) -> None:
+    global _worker_rules
+    _worker_rules = rules
+
+
+def _identify_chunk(root: str, chunk: list[FoundFile]) -> list[ManifestEntry]:
+    return [identify(root, found, _worker_rules) for found in chunk]
+
+
+def _chunks(items: list[FoundFile], size: int) -> Iterator[list[FoundFile]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def identify_all(root: str, todo: list[FoundFile], rules: list[_Rules], workers: int,
+                 progress: Progress) -> list[ManifestEntry]:
+    """Rows for `todo`, inspected by up to `workers` processes (inline for one worker or few files)."""
+    task = progress.add_task("crawl", total=len(todo), rate=0.0, size=decimal(0))
+    start, done_bytes, entries = time.perf_counter(), 0, []
+
+    def advance(batch: list[ManifestEntry]) -> None:
+        nonlocal done_bytes
+        entries.extend(batch)
+        done_bytes += sum(e.size for e in batch)
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        progress.update(task, advance=len(batch), rate=len(entries) / elapsed, size=decimal(done_bytes))
+
+    n_procs = min(workers, os.cpu_count() or 1, -(-len(todo) // CHUNK_FILES))
+    if n_procs <= 1:
+        _init_worker(rules)
+        for chunk in _chunks(todo, CHUNK_FILES):
+            advance(_identify_chunk(root, chunk))
+        return entries
+    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+    with ProcessPoolExecutor(n_procs, mp_context=context, initializer=_init_worker,
+                             initargs=(rules,)) as pool:
+        chunks = list(_chunks(todo, CHUNK_FILES))
+        for batch in pool.map(_identify_chunk, [root] * len(chunks), chunks):
+            advance(batch)
+    return entries
+
+
+def _previous(index_dir: Path, root: Path, fingerprint: str) -> Manifest | None:
+    """The last manifest of this root written under the same capsule definitions, if any."""
+    try:
+        previous = read_manifest(index_dir)
+    except (FileNotFoundError, ValueError, OSError, pa.ArrowException) as exc:
+        if not isinstance(exc, FileNotFoundError):
+            log.warning("ignoring the previous manifest in %s: %s", index_dir, one_line(exc))
+        return None
+    if previous.root != root:
+        log.info("previous manifest indexes %s, not %s: crawling everything", previous.root, root)
+        return None
+    if previous.capsules_fingerprint != fingerprint:
+        log.info("capsule definitions changed since the last crawl: re-assigning every file")
+        return None
+    return previous
+
+
+def _usable_capsules(table: pa.Table) -> set[str]:
+    return {c for c, e in zip(table["capsule"].to_pylist(), table["error"].to_pylist(), strict=True)
+            if c is not None and e is None}
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:,.0f} files/s"), TextColumn("{task.fields[size]}"),
+        TimeElapsedColumn(), disable=not enabled,
+    )
+
+
+def summarize(manifest: Manifest, capsules: Iterable[str], console: Console) -> None:
+    """Per capsule: files, bytes, samples, errors; then the first error lines."""
+    columns = {k: manifest.table[k].to_pylist() for k in ("path", "size", "capsule", "n_samples", "error")}
+    totals: dict[str, list[int]] = {name: [0, 0, 0, 0] for name in capsules}
+    errors = []
+    for path, size, capsule, n_samples, error in zip(*columns.values(), strict=True):
+        slot = totals.setdefault(capsule or "(none)", [0, 0, 0, 0])
+        slot[0] += 1
+        slot[1] += size
+        slot[2] += n_samples
+        if error is not None:
+            slot[3] += 1
+            errors.append(f"{path}: {error}")
+    table = Table(title=f"{manifest.root}: {len(manifest)} files")
+    for name in ("capsule", "files", "bytes", "samples", "errors"):
+        table.add_column(name, justify="left" if name == "capsule" else "right")
+    for name, (files, size, samples, n_errors) in totals.items():
+        table.add_row(name, f"{files:,}", decimal(size), f"{samples:,}", f"{n_errors:,}")
+    console.print(table)
+    for line in errors[:ERRORS_SHOWN]:
+        console.print(f"  [red]error[/red] {escape(line)}", highlight=False, soft_wrap=True)
+    if len(errors) > ERRORS_SHOWN:
+        console.print(f"  ... and {len(errors) - ERRORS_SHOWN} more (the `error` column of the manifest)")
+
+
+def crawl(cfg: DictConfig) -> Manifest:
+    """Index `cfg.data.root` into `${paths.index}/manifest.parquet` and return the manifest.
+
+    Then, with `crawl.stats`, run the statistics pass of every capsule whose usable files
+    changed (or whose stats.json is missing).
+    """
+    if not cfg.data.root:
+        raise ValueError("data.root is not set: ebm-vae-crawl data.root=DIR")
+    root = Path(cfg.data.root).expanduser().resolve()
+    if not root.is_dir():
+        raise NotADirectoryError(f"data.root={cfg.data.root}: not a directory")
+    index_dir = Path(cfg.paths.index).expanduser().resolve()
+    if index_dir == root or root in index_dir.parents:
+        raise ValueError(f"paths.index={index_dir} lies inside data.root={root}: the crawl never "
+                         "writes into the data tree; set paths.root elsewhere")
+    capsules = dict(sorted(visible_capsules(cfg.capsule_search_path).items()))
+    fingerprint = capsules_fingerprint(capsules.values())
+    previous = _previous(index_dir, root, fingerprint)
+
+    started = time.perf_counter()
+    found = list(scan(root))
+    known = {}
+    if previous is not None:
+        old = previous.table
+        known = {p: (i, s, m) for i, (p, s, m) in enumerate(zip(
+            old["path"].to_pylist(), old["size"].to_pylist(), old["mtime_ns"].to_pylist(), strict=True))}
+    kept, todo = [], []
+    for f in found:
+        hit = known.get(f.relpath)
+        if hit is not None and hit[1] == f.size and hit[2] == f.mtime_ns:
+            kept.append(hit[0])
+        else:
+            todo.append(f)
+    rules = [_Rules.of(c) for c in capsules.values()]
+    with _progress(cfg.crawl.progress) as progress:
+        fresh = identify_all(str(root), todo, rules, cfg.crawl.workers, progress)
+    new_rows = pa.Table.from_pylist([e.to_row() for e in fresh], schema=SCHEMA)
+    parts = [new_rows] if previous is None else [previous.table.take(kept), new_rows]
+    manifest = Manifest(pa.concat_tables(parts).sort_by("path"), root, fingerprint)
+    write_manifest(manifest, index_dir)
+    elapsed = time.perf_counter() - started
+    log.info("crawled %d files (%d re-inspected, %d unchanged) in %.2f s -> %s",
+             len(found), len(todo), len(kept), elapsed, index_dir / "manifest.parquet")
+    summarize(manifest, capsules, Console())
+
+    if cfg.crawl.stats:
+        from ebm_vae.data.stats import run_stats_pass  # imports the stream (torch); only when needed
+
+        changed = _usable_capsules(new_rows)
+        if previous is not None:  # capsules that lost usable files changed too
+            replaced = np.ones(previous.table.num_rows, dtype=bool)
+            replaced[kept] = False
+            changed |= _usable_capsules(previous.table.filter(replaced))
+        usable_now = _usable_capsules(manifest.table)
+        for name in sorted(usable_now):
+            if name in changed or not (index_dir / name / "stats.json").is_file():
+                run_stats_pass(manifest, capsules[name], index_dir, cfg)
+    return manifest

@@ -1,0 +1,273 @@
+"""Per-capsule state statistics (`index/<capsule>/stats.json`) and the streaming pass that makes them.
+
+The pass reads every usable file of a capsule chunk by chunk through its extractor. Each
+chunk's moments are computed in float64 and merged into the running ones with Chan's parallel
+update, which is exact for any split of the data, so partial statistics of workers or ranks
+merge the same way (`merge_stats`). A sample with any NaN/Inf component is excluded (the
+stream drops it too, so the normalisation describes exactly what is trained on); NaN and Inf
+are counted per component. For field states a principal basis is kept: the top components of
+a bounded reservoir sample, in physical units centred at the mean.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ebm_vae.config import CapsuleConfig
+from ebm_vae.data.extractors import EXTRACTORS, StateInfo
+from ebm_vae.data.readers.base import one_line
+from ebm_vae.data.stream import WorkUnit, chunk_samples, entry_plan, read_unit
+from ebm_vae.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+STD_FLOOR_RELATIVE = 1e-6  # a std below this fraction of the component's scale is "constant"
+STD_FLOOR_ABSOLUTE = 1e-12
+
+
+@dataclass
+class Moments:
+    """Count, mean, sum of squared deviations (m2), min, max over finite samples; NaN/Inf counts."""
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+    nan_count: np.ndarray
+    inf_count: np.ndarray
+
+    @classmethod
+    def empty(cls, dim: int) -> Moments:
+        return cls(0, np.zeros(dim), np.zeros(dim), np.full(dim, np.inf), np.full(dim, -np.inf),
+                   np.zeros(dim, np.int64), np.zeros(dim, np.int64))
+
+    @classmethod
+    def of(cls, states: np.ndarray) -> Moments:
+        """Moments of one chunk (n, D); rows with a non-finite component are counted, not used."""
+        nan = np.isnan(states)
+        inf = np.isinf(states)
+        finite_rows = ~(nan | inf).any(axis=1)
+        x = states[finite_rows].astype(np.float64) if not finite_rows.all() else states.astype(np.float64)
+        out = cls.empty(states.shape[1])
+        out.nan_count, out.inf_count = nan.sum(axis=0), inf.sum(axis=0)
+        if len(x):
+            out.count = len(x)
+            out.mean = x.mean(axis=0)
+            out.m2 = np.square(x - out.mean).sum(axis=0)
+            out.min, out.max = x.min(axis=0), x.max(axis=0)
+        return out
+
+    def merge(self, other: Moments) -> Moments:
+        """Chan et al.'s parallel update: exact for any split of the samples."""
+        n = self.count + other.count
+        if n == 0:
+            mean, m2 = self.mean, self.m2
+        else:
+            delta = other.mean - self.mean
+            mean = self.mean + delta * (other.count / n)
+            m2 = self.m2 + other.m2 + np.square(delta) * (self.count * other.count / n)
+        return Moments(n, mean, m2, np.minimum(self.min, other.min), np.maximum(self.max, other.max),
+                       self.nan_count + other.nan_count, self.inf_count + other.inf_count)
+
+    @property
+    def raw_std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / self.count) if self.count else np.zeros_like(self.m2)
+
+
+def floored_std(mean: np.ndarray, raw_std: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Floor near-constant components so z-scoring stays finite; returns (std, floored indices).
+
+    The floor is relative to the component's magnitude (|mean|) or the state's largest std,
+    whichever is larger, so it does not depend on the units.
+    """
+    scale = np.maximum(np.abs(mean), raw_std.max(initial=0.0))
+    floor = np.maximum(STD_FLOOR_RELATIVE * scale, STD_FLOOR_ABSOLUTE)
+    low = raw_std < floor
+    return np.where(low, floor, raw_std), np.flatnonzero(low).tolist()
+
+
+@dataclass
+class Stats:
+    capsule: str
+    state: dict[str, Any]  # StateInfo.to_dict()
+    count: int
+    mean: np.ndarray
+    std: np.ndarray  # floored; what the stream divides by
+    raw_std: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+    nan_count: np.ndarray
+    inf_count: np.ndarray
+    floored: list[int] = field(default_factory=list)
+    pca: dict[str, np.ndarray] | None = None  # {"components": (k, D), "std": (k,)}
+    files: list[dict[str, Any]] = field(default_factory=list)  # [{path, size, mtime_ns}]
+    created: str = ""
+
+    @property
+    def state_info(self) -> StateInfo:
+        return StateInfo.from_dict(self.state)
+
+    @property
+    def log_jacobian(self) -> float:
+        """sum(log std): add it to an energy of z-scored states to get physical units."""
+        return float(np.sum(np.log(self.std)))
+
+    @property
+    def moments(self) -> Moments:
+        return Moments(self.count, self.mean, np.square(self.raw_std) * self.count, self.min,
+                       self.max, self.nan_count, self.inf_count)
+
+    @classmethod
+    def from_moments(cls, capsule: str, state: StateInfo | dict[str, Any], m: Moments,
+                     pca: dict[str, np.ndarray] | None = None,
+                     files: list[dict[str, Any]] | None = None) -> Stats:
+        std, floored = floored_std(m.mean, m.raw_std)
+        if floored:
+            names = [StateInfo.from_dict(state).names[i] if isinstance(state, dict)
+                     else state.names[i] for i in floored[:5]]
+            log.warning("%s: %d state components have (near-)zero variance, std floored: %s%s",
+                        capsule, len(floored), ", ".join(names), " ..." if len(floored) > 5 else "")
+        return cls(capsule=capsule, state=state.to_dict() if isinstance(state, StateInfo) else state,
+                   count=m.count, mean=m.mean, std=std, raw_std=m.raw_std, min=m.min, max=m.max,
+                   nan_count=m.nan_count, inf_count=m.inf_count, floored=floored, pca=pca,
+                   files=list(files or []), created=dt.datetime.now(dt.timezone.utc).isoformat())
+
+    def to_dict(self) -> dict[str, Any]:
+        arrays = {k: getattr(self, k).tolist() for k in
+                  ("mean", "std", "raw_std", "min", "max", "nan_count", "inf_count")}
+        pca = None if self.pca is None else {k: np.asarray(v).tolist() for k, v in self.pca.items()}
+        return {"capsule": self.capsule, "state": self.state, "count": self.count, **arrays,
+                "floored": self.floored, "pca": pca, "files": self.files, "created": self.created,
+                "log_jacobian": self.log_jacobian}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Stats:
+        floats = {k: np.asarray(d[k], dtype=np.float64) for k in ("mean", "std", "raw_std", "min", "max")}
+        ints = {k: np.asarray(d[k], dtype=np.int64) for k in ("nan_count", "inf_count")}
+        pca = None if d.get("pca") is None else {k: np.asarray(v, dtype=np.float64) for k, v in d["pca"].items()}
+        return cls(capsule=d["capsule"], state=d["state"], count=int(d["count"]), **floats, **ints,
+                   floored=list(d.get("floored", [])), pca=pca, files=list(d.get("files", [])),
+                   created=d.get("created", ""))
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Stats:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def merge_stats(a: Stats, b: Stats) -> Stats:
+    """Combine partial statistics of disjoint samples (workers, ranks) with Chan's update.
+
+    Moments, counts and file lists merge exactly. Two principal bases cannot be merged; the
+    one of the larger part is kept (both estimate the same basis from random samples).
+    """
+    if a.capsule != b.capsule or a.state != b.state:
+        raise ValueError(f"cannot merge statistics of {a.capsule} {a.state['shape']} and "
+                         f"{b.capsule} {b.state['shape']}")
+    pca = a.pca if a.count >= b.count else b.pca
+    pca = pca if pca is not None else (b.pca if a.count >= b.count else a.pca)
+    files = {f["path"]: f for f in a.files + b.files}
+    return Stats.from_moments(a.capsule, a.state, a.moments.merge(b.moments), pca=pca,
+                              files=sorted(files.values(), key=lambda f: f["path"]))
+
+
+class Reservoir:
+    """A uniform random sample of at most `size` states from a stream (Algorithm R, vectorised)."""
+
+    def __init__(self, size: int, dim: int, seed: int = 0):
+        self.data = np.empty((size, dim), dtype=np.float32)
+        self.seen = 0
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, states: np.ndarray) -> None:
+        size = len(self.data)
+        fill = max(0, min(size - self.seen, len(states)))
+        self.data[self.seen : self.seen + fill] = states[:fill]
+        rest = states[fill:]
+        if len(rest):
+            index = self.seen + fill + np.arange(len(rest))
+            slots = self.rng.integers(0, index + 1)  # state i replaces slot j < size w.p. size/(i+1)
+            keep = slots < size
+            slots, rows = slots[keep], np.flatnonzero(keep)
+            # the last state drawn for a slot wins, as in the sequential algorithm
+            last = len(slots) - 1 - np.unique(slots[::-1], return_index=True)[1]
+            self.data[slots[last]] = rest[rows[last]]
+        self.seen += len(states)
+
+    @property
+    def sample(self) -> np.ndarray:
+        return self.data[: min(self.seen, len(self.data))]
+
+
+def principal_basis(sample: np.ndarray, mean: np.ndarray, k: int) -> dict[str, np.ndarray] | None:
+    """Top-k principal directions (unit rows, physical units, centred at `mean`) and the std along each."""
+    if len(sample) < 2:
+        return None
+    centred = sample.astype(np.float64) - mean
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    k = min(k, len(s))
+    return {"components": vt[:k], "std": s[:k] / np.sqrt(len(sample))}
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]stats {task.description}"), BarColumn(),
+                    TextColumn("{task.completed:,}/{task.total:,} samples"), TimeRemainingColumn(),
+                    disable=not enabled)
+
+
+def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path, cfg: Any) -> Stats:
+    """Statistics of every usable file of `capsule`, written to `index_dir/<capsule>/stats.json`.
+
+    `cfg` is a composed config with `crawl` (n_components, stats_reservoir, progress) and
+    `data` (chunk_bytes). Files whose state shape differs from the majority's are skipped with
+    a warning naming them, as are files that fail while being read.
+    """
+    extractor = EXTRACTORS[capsule.extractor](capsule)
+    entries = manifest.usable(capsule.name)
+    if not entries:
+        raise ValueError(f"capsule '{capsule.name}' has no usable files in the manifest")
+    plans = [entry_plan(extractor, e) for e in entries]
+    state = Counter(p.state for p in plans).most_common(1)[0][0]
+    chunk = chunk_samples(state, cfg.data.chunk_bytes)
+    reservoir = Reservoir(cfg.crawl.stats_reservoir, state.dim, seed=0) if state.kind == "field" else None
+    total, files = Moments.empty(state.dim), []
+    root = Path(manifest.root)
+    with _progress(cfg.crawl.progress) as progress:
+        task = progress.add_task(capsule.name, total=sum(p.n_samples for p in plans if p.state == state))
+        for entry, plan in zip(entries, plans, strict=True):
+            if plan.state != state:
+                log.warning("skipping %s: state shape %s differs from the capsule's %s",
+                            entry.path, plan.state.shape, state.shape)
+                continue
+            unit = WorkUnit.whole(entry, plan)
+            part = Moments.empty(state.dim)
+            try:
+                for states in read_unit(extractor, root, unit, chunk):
+                    part = part.merge(Moments.of(states))
+                    if reservoir is not None:
+                        reservoir.add(states[np.isfinite(states).all(axis=1)])
+                    progress.advance(task, len(states))
+            except Exception as exc:  # a bad file never stops the pass; its partial moments are dropped
+                log.warning("skipping %s: %s", entry.path, one_line(exc))
+                continue
+            total = total.merge(part)
+            files.append({"path": entry.path, "size": entry.size, "mtime_ns": entry.mtime_ns})
+    if total.count == 0:
+        raise ValueError(f"capsule '{capsule.name}': no finite samples in {len(entries)} usable files")
+    pca = principal_basis(reservoir.sample, total.mean, cfg.crawl.n_components) if reservoir else None
+    stats = Stats.from_moments(capsule.name, state, total, pca=pca, files=files)
+    stats.save(Path(index_dir) / capsule.name / "stats.json")
+    return stats
+

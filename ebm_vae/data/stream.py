@@ -1,0 +1,369 @@
+"""The stream of normalised states: work units, their split over ranks and workers, StateStream.
+
+A work unit is a range [start, stop) of one file's extent (rows/snapshots, or bytes for CSV)
+of bounded size; a file planned `whole_file` (a derived phase) is one unit. Units are split
+into train and validation by a hash of (path, start), so the split of existing units does not
+change when files are added. Files are opened only inside the process that reads them (after
+the DataLoader's fork), a unit at a time, and read chunk by chunk through the extractor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import logging
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ebm_vae.data.extractors import Extractor, FilePlan, StateInfo
+from ebm_vae.data.readers import READERS, FileInfo
+from ebm_vae.data.readers.base import one_line
+
+if TYPE_CHECKING:
+    from ebm_vae.crawl.manifest import ManifestEntry
+    from ebm_vae.data.stats import Stats
+
+log = logging.getLogger(__name__)
+
+TABLE_FORMATS = ("csv", "parquet")
+
+
+class ChangedFile(Exception):
+    """A file whose size or mtime differs from the manifest: the crawl's plan no longer holds."""
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    path: str  # relative to the data root, as in the manifest
+    start: int
+    stop: int
+    plan: FilePlan
+    format: str
+    size: int  # the file's size and mtime at crawl time, checked before reading
+    mtime_ns: int
+
+    @property
+    def n_samples(self) -> int:
+        """Samples in [start, stop): exact for rows/snapshots; for CSV byte ranges a
+        proportional share of the file's samples (the shares of a file sum to its total)."""
+        n, extent = self.plan.n_samples, self.plan.extent
+        return n * self.stop // extent - n * self.start // extent if extent else 0
+
+    @classmethod
+    def whole(cls, entry: ManifestEntry, plan: FilePlan) -> WorkUnit:
+        return cls(entry.path, 0, plan.extent, plan, entry.format, entry.size, entry.mtime_ns)
+
+
+def entry_plan(extractor: Extractor, entry: ManifestEntry) -> FilePlan:
+    """The extractor's plan for a manifest row, from the metadata the manifest keeps."""
+    n_rows = entry.variables[0].shape[0] if entry.format in TABLE_FORMATS and entry.variables else None
+    info = FileInfo(format=entry.format, attrs={}, variables=list(entry.variables), n_rows=n_rows,
+                    extent=entry.extent)
+    return extractor.plan(info)
+
+
+def make_units(entries: Iterable[ManifestEntry], extractor: Extractor, state: StateInfo,
+               unit_samples: int, unit_bytes: int) -> list[WorkUnit]:
+    """Work units of the files whose state is `state` (others are skipped with a warning)."""
+    units = []
+    for entry in entries:
+        try:
+            plan = entry_plan(extractor, entry)
+        except Exception as exc:  # a row the current capsule config cannot plan
+            log.warning("skipping %s: %s", entry.path, one_line(exc))
+            continue
+        if plan.state != state:
+            log.warning("skipping %s: state shape %s differs from the statistics' %s",
+                        entry.path, plan.state.shape, state.shape)
+            continue
+        step = plan.extent if plan.whole_file else (unit_bytes if entry.format == "csv" else unit_samples)
+        for start in range(0, plan.extent, max(1, step)):
+            units.append(WorkUnit(entry.path, start, min(plan.extent, start + step), plan,
+                                  entry.format, entry.size, entry.mtime_ns))
+    return units
+
+
+def _unit_hash(unit: WorkUnit) -> float:
+    digest = hashlib.blake2b(f"{unit.path}:{unit.start}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def split_train_val(units: Sequence[WorkUnit], val_fraction: float) -> tuple[list[WorkUnit], list[WorkUnit]]:
+    """Deterministic split by a hash of (path, start): a unit's side never depends on the others.
+
+    When the hash leaves validation empty (few units) but a fraction was asked for, the unit
+    with the smallest hash goes to validation; a lone unit is cut in two for that.
+    """
+    train = [u for u in units if _unit_hash(u) >= val_fraction]
+    val = [u for u in units if _unit_hash(u) < val_fraction]
+    if val_fraction > 0 and not val and units:
+        first = min(units, key=_unit_hash)
+        if len(units) > 1:
+            train.remove(first)
+            val.append(first)
+        elif not first.plan.whole_file and first.stop - first.start >= 2:
+            cut = first.start + max(1, math.ceil((first.stop - first.start) * val_fraction))
+            cut = min(cut, first.stop - 1)
+            train = [WorkUnit(first.path, cut, first.stop, first.plan, first.format, first.size, first.mtime_ns)]
+            val = [WorkUnit(first.path, first.start, cut, first.plan, first.format, first.size, first.mtime_ns)]
+    return train, val
+
+
+def split_units(units: Sequence[WorkUnit], rank: int, world: int, worker: int,
+                n_workers: int) -> list[WorkUnit]:
+    """The disjoint share of (rank, worker) among world x n_workers shares, in the given order.
+
+    Units go one by one to the share holding the fewest samples so far (ties: lowest share),
+    so shares differ by at most one unit's samples whatever the file sizes.
+    """
+    n_shares = world * n_workers
+    me = rank * n_workers + worker
+    heap = [(0, s) for s in range(n_shares)]
+    mine = []
+    for unit in units:
+        load, share = heapq.heappop(heap)
+        if share == me:
+            mine.append(unit)
+        heapq.heappush(heap, (load + unit.n_samples, share))
+    return mine
+
+
+def chunk_samples(state: StateInfo, chunk_bytes: int) -> int:
+    """Samples per extractor read so that one chunk of float32 states is about `chunk_bytes`."""
+    return max(1, chunk_bytes // (4 * state.dim))
+
+
+def read_unit(extractor: Extractor, root: Path, unit: WorkUnit, chunk: int) -> Iterator[np.ndarray]:
+    """The states of one unit, chunk by chunk; raises for a missing, changed or unreadable file."""
+    path = Path(root) / unit.path
+    st = path.stat()
+    if (st.st_size, st.st_mtime_ns) != (unit.size, unit.mtime_ns):
+        raise ChangedFile(f"changed since the crawl (size {unit.size} -> {st.st_size}, "
+                          f"mtime_ns {unit.mtime_ns} -> {st.st_mtime_ns}); re-run ebm-vae-crawl")
+    with READERS[unit.format].open(path) as handle:
+        yield from extractor.iter_states(handle, unit.plan, unit.start, unit.stop, chunk)
+
+
+class ShuffleBuffer:
+    """At most `capacity` states; each batch is a uniform draw without replacement from it.
+
+    Once full, every incoming chunk is pushed in a batch at a time: a batch is drawn, the
+    holes are filled from the buffer's tail, and new states refill the tail. Memory is
+    `capacity` states whatever the file size.
+    """
+
+    def __init__(self, capacity: int, batch_size: int, dim: int, rng: np.random.Generator):
+        self.capacity = max(capacity, batch_size)
+        self.batch_size = batch_size
+        self.data = np.empty((self.capacity, dim), dtype=np.float32)
+        self.size = 0
+        self.rng = rng
+
+    def push(self, states: np.ndarray) -> Iterator[np.ndarray]:
+        """Add `states`; yield a batch each time the buffer fills."""
+        pos = 0
+        while pos < len(states):
+            take = min(self.capacity - self.size, len(states) - pos)
+            self.data[self.size : self.size + take] = states[pos : pos + take]
+            self.size += take
+            pos += take
+            if self.size == self.capacity:
+                yield self._draw(self.batch_size)
+
+    def drain(self) -> Iterator[np.ndarray]:
+        """The rest, shuffled, in batches (the last one may be partial)."""
+        while self.size:
+            yield self._draw(min(self.batch_size, self.size))
+
+    def _draw(self, k: int) -> np.ndarray:
+        n = self.size
+        picked = self.rng.choice(n, k, replace=False) if k < n else self.rng.permutation(n)
+        batch = self.data[picked]
+        tail = n - k  # slots [tail, n) are vacated: move their unpicked states into the holes
+        holes = picked[picked < tail]
+        in_tail = np.zeros(k, dtype=bool)
+        in_tail[picked[picked >= tail] - tail] = True
+        self.data[holes] = self.data[tail + np.flatnonzero(~in_tail)]
+        self.size = tail
+        return batch
+
+
+def _batched(chunks: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    """Consecutive batches of `batch_size` (the last may be partial), in order."""
+    pending: list[np.ndarray] = []
+    held = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        held += len(chunk)
+        if held >= batch_size:
+            joined = np.concatenate(pending)
+            full = len(joined) // batch_size * batch_size
+            yield from np.split(joined[:full], full // batch_size)
+            pending, held = [joined[full:]], len(joined) - full
+    if held:
+        yield np.concatenate(pending)
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class StateStream(IterableDataset):
+    """Batches of z-scored float32 states (batch, *state.shape) from work units; use it with
+    `DataLoader(batch_size=None)`.
+
+    Training (`train=True`): each epoch the units are permuted with a generator seeded by
+    (seed, epoch) and dealt to the world x n_workers (rank, worker) shares (`split_units`).
+    Every rank yields the same number of batches, its budget
+    B = `batches_per_epoch` or max(1, floor(samples of the split / (world x batch_size))),
+    from the manifest's sample counts; worker w of a rank yields B // n_workers, plus one for
+    w < B % n_workers, so the budgets depend on nothing read. Remainder policy: a share whose
+    units run out before its budget reads its own units again (a share without units reads
+    everyone's); a share with more stops at its budget. With equal shares at most
+    world x batch_size - 1 samples (plus the buffer's rounding) are left out of an epoch, the
+    ones left differ from epoch to epoch, and no rank waits for another. States pass a shuffle
+    buffer of `shuffle_buffer` states (at most `shuffle_buffer_bytes`, never under one batch)
+    seeded by (seed, epoch, rank, worker).
+
+    Validation (`train=False`): no shuffling or cycling; each share reads its units in order
+    once, every sample exactly once over all shares; the last batch of a share may be partial.
+
+    Samples with a NaN/Inf component are dropped and counted. A file that is missing, changed
+    since the crawl (size/mtime) or unreadable is skipped with a one-line warning naming it.
+    """
+
+    def __init__(self, units: Sequence[WorkUnit], extractor: Extractor, stats: Stats, root: str | Path,
+                 batch_size: int, *, train: bool = True, seed: int = 0, shuffle_buffer: int = 65536,
+                 shuffle_buffer_bytes: int = 256 << 20, chunk_bytes: int = 8 << 20,
+                 batches_per_epoch: int | None = None,
+                 rank: int | None = None, world: int | None = None):
+        super().__init__()
+        self.units = list(units)
+        self.extractor = extractor
+        self.state = stats.state_info
+        self.root = Path(root)
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.shuffle_buffer = min(shuffle_buffer, shuffle_buffer_bytes // (4 * self.state.dim))
+        self.chunk = chunk_samples(self.state, chunk_bytes)
+        self.batches_per_epoch = batches_per_epoch
+        self.rank, self.world = rank, world
+        self.mean = stats.mean.astype(np.float32)
+        self.inv_std = (1.0 / stats.std).astype(np.float32)
+        # shared memory: persistent DataLoader workers see set_epoch made in the main process
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.n_samples = sum(u.n_samples for u in self.units)
+        self.dropped = 0  # non-finite samples dropped by this process's iterators
+        self.skipped: dict[str, str] = {}  # path -> reason, files skipped by this process
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(int(epoch))
+
+    def _world(self) -> tuple[int, int]:
+        rank, world = _distributed()
+        return (rank if self.rank is None else self.rank), (world if self.world is None else self.world)
+
+    def rank_budget(self, world: int | None = None) -> int:
+        """Batches every rank yields per training epoch."""
+        if self.batches_per_epoch is not None:
+            return self.batches_per_epoch
+        world = self._world()[1] if world is None else world
+        return max(1, self.n_samples // (world * self.batch_size)) if self.n_samples else 0
+
+    def __len__(self) -> int:
+        if not self.train:
+            raise TypeError("the validation stream's length is not known in advance")
+        return self.rank_budget()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rank, world = self._world()
+        for batch in self.iter_share(rank, world, worker, n_workers):
+            yield torch.from_numpy(batch).view(len(batch), *self.state.shape)
+
+    def iter_share(self, rank: int, world: int, worker: int, n_workers: int) -> Iterator[np.ndarray]:
+        """The (batch, D) float32 batches of one (rank, worker) share for the current epoch."""
+        epoch = self.epoch
+        if not self.train:
+            mine = split_units(self.units, rank, world, worker, n_workers)
+            yield from _batched(self._states(mine), self.batch_size)
+            return
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
+        units = [self.units[i] for i in order]
+        mine = split_units(units, rank, world, worker, n_workers)
+        budget = self.rank_budget(world)
+        budget = budget // n_workers + (worker < budget % n_workers)
+        if budget == 0:
+            return
+        rng = np.random.default_rng([self.seed, epoch, rank, worker])
+        buffer = ShuffleBuffer(self.shuffle_buffer, self.batch_size, self.state.dim, rng)
+        emitted = 0
+        for states in self._cycle(mine, units):
+            for batch in buffer.push(states):
+                yield batch
+                emitted += 1
+                if emitted == budget:
+                    return
+
+    def _cycle(self, mine: list[WorkUnit], everyone: list[WorkUnit]) -> Iterator[np.ndarray]:
+        """Own units again and again; everyone's when the own ones give nothing."""
+        source = mine or everyone
+        while True:
+            got = 0
+            for states in self._states(source):
+                got += len(states)
+                yield states
+            if got:
+                continue
+            if source is everyone:
+                raise RuntimeError(f"no readable samples in {len(everyone)} work units "
+                                   f"(skipped files: {sorted(self.skipped)[:5]})")
+            source = everyone
+
+    def _states(self, units: Iterable[WorkUnit]) -> Iterator[np.ndarray]:
+        """Finite, z-scored states of `units`, chunk by chunk; bad files skipped."""
+        dropped = 0
+        try:
+            for unit in units:
+                if unit.path in self.skipped:
+                    continue
+                try:
+                    for states in read_unit(self.extractor, self.root, unit, self.chunk):
+                        finite = np.isfinite(states).all(axis=1)
+                        if not finite.all():
+                            dropped += int(len(finite) - finite.sum())
+                            states = states[finite]
+                        if len(states):
+                            states = states - self.mean
+                            states *= self.inv_std
+                            yield states
+                except Exception as exc:  # a bad file never stops training: skip it, say why
+                    self.skipped[unit.path] = one_line(exc)
+                    log.warning("skipping %s: %s", unit.path, self.skipped[unit.path])
+        finally:
+            if dropped:
+                self.dropped += dropped
+                log.info("dropped %d samples with NaN/Inf values", dropped)
+
+
+def stream_args(data_cfg: Any) -> dict[str, Any]:
+    """StateStream keyword arguments from a DataConfig."""
+    return {"batch_size": data_cfg.batch_size, "seed": data_cfg.seed,
+            "shuffle_buffer": data_cfg.shuffle_buffer, "shuffle_buffer_bytes": data_cfg.shuffle_buffer_bytes,
+            "chunk_bytes": data_cfg.chunk_bytes,
+            "batches_per_epoch": data_cfg.batches_per_epoch}

@@ -1,0 +1,220 @@
+"""State grids: which states an energy map covers, produced lazily chunk by chunk.
+
+A map has 1 to 3 axes. An axis is either a state component by name (vector states; the
+default is the first two) or a principal component `pc1`, `pc2`, ... (field states; the
+default is pc1, pc2). Components off the grid are held at the reference state: the mean,
+unless `export.reference` sets them by name; on pc axes the held values are the coefficients
+of the other principal components (0 = the mean). A 1024 x 1024 grid of 3 x 64 x 64 fields
+would be 1e6 x 12288 numbers, so states are only ever built for a slice of grid points.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ebm_vae.data.extractors.base import StateInfo
+
+log = logging.getLogger(__name__)
+
+LIMIT_STDS = 4.0  # default half-width of an axis, in standard deviations
+RANGE_MARGIN = 0.1  # default limits stay within the observed range widened by this fraction
+_PC = re.compile(r"pc([1-9][0-9]*)$")
+
+
+class GridError(ValueError):
+    """An export grid that cannot be built; the message names the `export.*` key at fault."""
+
+
+@dataclass(frozen=True)
+class GridStats:
+    """What a grid needs to know of the data, per flat component, in physical units.
+
+    `lo`/`hi` are the observed range (None when unknown: no clipping, no range warning);
+    `pca_components` (k x D, orthonormal rows) and `pca_std` (k) exist for field states.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+    pca_components: np.ndarray | None = None
+    pca_std: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class GridAxis:
+    name: str  # a state component name, or pcN
+    unit: str
+    values: np.ndarray  # float64 grid coordinates, physical units
+    index: int  # the state component, or the principal component (0-based)
+
+
+class StateGrid:
+    """A regular grid over 1-3 axes through a reference state; see the module docstring."""
+
+    def __init__(self, state: StateInfo, stats: GridStats, axes: Sequence[GridAxis],
+                 reference: np.ndarray):
+        self.state = state
+        self.stats = stats
+        self.axes = tuple(axes)
+        self.on_pcs = _PC.match(self.axes[0].name) is not None
+        # Held values: a full physical state (component axes) or k coefficients (pc axes).
+        self.reference = np.asarray(reference, dtype=np.float64)
+
+    @classmethod
+    def build(cls, state: StateInfo, stats: GridStats, axes: Sequence[str] | None = None,
+              limits: Sequence[Sequence[float]] | None = None, resolution: int = 128,
+              reference: Mapping[str, float] | None = None) -> StateGrid:
+        axes = list(axes) if axes else default_axes(state, stats)
+        if not 1 <= len(axes) <= 3:
+            raise GridError(f"export.axes: a map has 1 to 3 axes, got {axes}")
+        if len(set(axes)) != len(axes):
+            raise GridError(f"export.axes: repeated axis in {axes}")
+        if resolution < 2:
+            raise GridError(f"export.resolution must be >= 2, got {resolution}")
+        if limits is not None and len(limits) != len(axes):
+            raise GridError(f"export.limits: {len(limits)} pairs for {len(axes)} axes {axes}")
+        on_pcs = [_PC.match(a) is not None for a in axes]
+        if any(on_pcs) and not all(on_pcs):
+            raise GridError(f"export.axes: mix of principal components and state components in {axes}")
+        if all(on_pcs):
+            indices, units, default_lims = _pc_axes(state, stats, axes)
+        else:
+            indices, units, default_lims = _component_axes(state, stats, axes)
+        grid_axes = []
+        for d, name in enumerate(axes):
+            lo, hi = (float(v) for v in limits[d]) if limits is not None else default_lims[d]
+            if limits is not None:
+                _check_limits(name, lo, hi, stats, None if all(on_pcs) else indices[d])
+            grid_axes.append(GridAxis(name, units[d], np.linspace(lo, hi, resolution), indices[d]))
+        held = _reference(state, stats, axes, indices, all(on_pcs), dict(reference or {}))
+        return cls(state, stats, grid_axes, held)
+
+    # -- geometry -------------------------------------------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(len(a.values) for a in self.axes)
+
+    @property
+    def n_points(self) -> int:
+        return int(np.prod(self.shape))
+
+    def points(self, start: int, stop: int) -> np.ndarray:
+        """Coordinates (n, n_axes) of the flat grid points [start, stop), C order (ij indexing)."""
+        idx = np.unravel_index(np.arange(start, stop), self.shape)
+        return np.stack([a.values[i] for a, i in zip(self.axes, idx)], axis=1)
+
+    def states(self, start: int, stop: int) -> np.ndarray:
+        """Full flat physical states (n, D) float64 of the grid points [start, stop)."""
+        coords = self.points(start, stop)
+        cols = [a.index for a in self.axes]
+        if self.on_pcs:
+            coeffs = np.repeat(self.reference[None, :], len(coords), axis=0)
+            coeffs[:, cols] = coords
+            return self.stats.mean[None, :] + coeffs @ self.stats.pca_components
+        states = np.repeat(self.reference[None, :], len(coords), axis=0)
+        states[:, cols] = coords
+        return states
+
+    def project(self, states: np.ndarray) -> np.ndarray:
+        """Map coordinates (n, n_axes) of flat physical states: the inverse of `states` on the grid."""
+        cols = [a.index for a in self.axes]
+        if self.on_pcs:
+            centred = np.asarray(states, dtype=np.float64) - self.stats.mean[None, :]
+            return centred @ self.stats.pca_components[cols].T
+        return np.asarray(states, dtype=np.float64)[:, cols]
+
+    def reference_metadata(self) -> dict[str, float]:
+        """The held values: off-grid components (vector states) or pc coefficients (pc axes).
+
+        For field states with pixel axes only the components set by name are listed; every
+        other pixel is at the mean.
+        """
+        on_grid = {a.index for a in self.axes}
+        if self.on_pcs:
+            return {f"pc{i + 1}": float(c) for i, c in enumerate(self.reference) if i not in on_grid}
+        names = self.state.names
+        if self.state.kind == "field":
+            return {names[i]: float(v) for i, v in enumerate(self.reference)
+                    if i not in on_grid and v != self.stats.mean[i]}
+        return {names[i]: float(v) for i, v in enumerate(self.reference) if i not in on_grid}
+
+
+def default_axes(state: StateInfo, stats: GridStats) -> list[str]:
+    """pc1, pc2 for field states (with a principal basis); else the first two components."""
+    if state.kind == "field" and stats.pca_components is not None:
+        return [f"pc{i + 1}" for i in range(min(2, len(stats.pca_components)))]
+    return list(state.names[: min(2, state.dim)])
+
+
+def _component_axes(state, stats, axes):
+    position = {name: i for i, name in enumerate(state.names)}
+    unknown = [a for a in axes if a not in position]
+    if unknown:
+        shown = list(state.names[:8]) + (["..."] if state.dim > 8 else [])
+        hint = ", or pc1, pc2, ..." if stats.pca_components is not None else ""
+        raise GridError(f"export.axes: unknown state component(s) {unknown}; known: {shown}{hint}")
+    indices = [position[a] for a in axes]
+    limits = []
+    for i in indices:
+        lo, hi = stats.mean[i] - LIMIT_STDS * stats.std[i], stats.mean[i] + LIMIT_STDS * stats.std[i]
+        if stats.lo is not None and stats.hi is not None:
+            margin = RANGE_MARGIN * (stats.hi[i] - stats.lo[i])
+            clipped = max(lo, stats.lo[i] - margin), min(hi, stats.hi[i] + margin)
+            if clipped[1] > clipped[0]:
+                lo, hi = clipped
+        limits.append((float(lo), float(hi)))
+    return indices, [state.units[i] for i in indices], limits
+
+
+def _pc_axes(state, stats, axes):
+    if stats.pca_components is None:
+        raise GridError(f"export.axes: {axes} need a principal basis, which the statistics of this "
+                        f"{state.kind} state lack; name state components instead")
+    k = len(stats.pca_components)
+    indices = [int(_PC.match(a).group(1)) - 1 for a in axes]
+    beyond = [a for a, i in zip(axes, indices) if i >= k]
+    if beyond:
+        raise GridError(f"export.axes: {beyond} beyond the {k} principal components stored")
+    units = sorted(set(state.units))
+    unit = units[0] if len(units) == 1 else "mixed"
+    limits = [(-LIMIT_STDS * float(stats.pca_std[i]), LIMIT_STDS * float(stats.pca_std[i])) for i in indices]
+    return indices, [unit] * len(axes), limits
+
+
+def _check_limits(name, lo, hi, stats, component):
+    if not hi > lo:
+        raise GridError(f"export.limits for {name}: [{lo}, {hi}] is empty (need lo < hi)")
+    if component is None or stats.lo is None or stats.hi is None:
+        return
+    seen_lo, seen_hi = float(stats.lo[component]), float(stats.hi[component])
+    if hi < seen_lo or lo > seen_hi:
+        raise GridError(f"export.limits for {name}: [{lo}, {hi}] lies outside the data "
+                        f"(observed [{seen_lo}, {seen_hi}])")
+    margin = RANGE_MARGIN * (seen_hi - seen_lo)
+    if lo < seen_lo - margin or hi > seen_hi + margin:
+        log.warning("export.limits for %s: [%g, %g] extends beyond the data (observed [%g, %g]); "
+                    "energies there are extrapolations of the model", name, lo, hi, seen_lo, seen_hi)
+
+
+def _reference(state, stats, axes, indices, on_pcs, reference):
+    if on_pcs:
+        held = np.zeros(len(stats.pca_components))
+        position = {f"pc{i + 1}": i for i in range(len(held))}
+    else:
+        held = np.asarray(stats.mean, dtype=np.float64).copy()
+        position = {name: i for i, name in enumerate(state.names)}
+    for name, value in reference.items():
+        if name not in position:
+            kind = "principal components pc1.." if on_pcs else "state components"
+            raise GridError(f"export.reference: '{name}' is not one of the {kind} of this map")
+        if name in axes:
+            raise GridError(f"export.reference: '{name}' is a map axis, not a held component")
+        held[position[name]] = float(value)
+    return held
