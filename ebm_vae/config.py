@@ -57,7 +57,9 @@ class DataConfig:
 
 @dataclass
 class CrawlConfig:
-    workers: int = 8  # threads inspecting files (I/O bound)
+    # processes inspecting files; None = one per CPU (more can help on a high-latency network drive)
+    workers: int | None = None
+    checkpoint_s: float = 60.0  # write the manifest so far this often: a killed crawl resumes
     stats: bool = True  # run the statistics pass for capsules with new or changed files
     progress: bool = True
     stats_reservoir: int = 4096  # samples kept for the principal basis of field states
@@ -67,16 +69,19 @@ class CrawlConfig:
 @dataclass
 class ExportConfig:
     method: str = "vae"  # vae | histogram
-    k: int = 64  # importance samples; 1 = negative ELBO
+    k: int = 64  # importance samples; 1 = negative ELBO (see ebm_vae/export.py for the default)
     resolution: int = 128  # grid points per axis
     axes: list[str] | None = None  # state components or pc1, pc2, ...; default: first two / pc1, pc2
-    limits: list[list[float]] | None = None  # [[lo, hi], ...] physical units; default from stats
-    reference: dict[str, float] = field(default_factory=dict)  # held values of off-grid components
+    # [[lo, hi], ...] physical units; default from stats. list[list[float]] would refuse integers
+    # inside nested lists (an OmegaConf quirk), so the numbers are checked by the grid instead.
+    limits: list[list[Any]] | None = None
+    reference: dict[str, float] = field(default_factory=dict)  # held off-grid values by name: +export.reference={NAME: V}
     out: str | None = None  # default ${paths.energy_maps}/<capsule>.npz
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     chunk_points: int | None = None  # grid points per evaluation chunk; None = sized to memory
-    plot: bool = True
+    plot: bool = True  # a PNG next to the .npz
+    progress: bool = True
 
 
 @dataclass

@@ -220,7 +220,7 @@ def write_table(path, a, b):
     if path.suffix == ".parquet":
         pq.write_table(pa.table({"b": b, "skip": a, "a": a}), path, row_group_size=7)
     elif path.suffix == ".csv":
-        path.write_text("b,skip,a\n" + "".join(f"{y!r},0,{x!r}\n" for x, y in zip(a, b, strict=True)))
+        path.write_text("b,skip,a\n" + "".join(f"{float(y)!r},0,{float(x)!r}\n" for x, y in zip(a, b, strict=True)))
     elif path.suffix == ".h5":
         with h5py.File(path, "w") as f:
             f["a"], f["b"], f["skip"] = a, b, np.zeros((3, 3))
@@ -249,3 +249,7 @@ def test_table_plan_errors(tmp_path):
         plan_of(user_capsule(), path)
     with pytest.raises(ExtractError, match=r"missing variables \['c'\]"):
         plan_of(user_capsule(("a", "c")), path)
+    text = tmp_path / "user.csv"
+    text.write_text("a,b\n1,x\n2,y\n")
+    with pytest.raises(ExtractError, match=r"variables \['b'\] are not numeric"):
+        plan_of(user_capsule(), text)

@@ -19,8 +19,9 @@ import multiprocessing
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -142,10 +143,10 @@ def identify(root: str, found: FoundFile, rules: list[_Rules]) -> ManifestEntry:
 
 # Inspection runs in a pool of processes. h5py serialises every call behind one global lock
 # and our NetCDF reader another (netCDF-C is not thread-safe), and opening small files is CPU
-# work (HDF5 superblock and B-tree parsing, Arrow footer decoding) rather than waiting on I/O,
-# so threads stay near one core: measured on 2 cores, 10k small files, threads x 8 reached
-# ~1,150 files/s and threads x 2 ~1,100, processes x 2 ~2,400 (bench: `scripts/bench.py crawl`).
-# Worker processes are forked before any file is opened and before the progress bar starts.
+# work (HDF5 object headers, Arrow footers, CSV sampling) rather than waiting on I/O, so a
+# thread pool stays near one core. MEASURED_POOLS
+# Workers are forked while this process runs no other thread (the progress bar refreshes from
+# this thread, not its own), so no lock can be inherited held.
 _worker_rules: list[_Rules] = []
 
 
@@ -158,37 +159,81 @@ def _identify_chunk(root: str, chunk: list[FoundFile]) -> list[ManifestEntry]:
     return [identify(root, found, _worker_rules) for found in chunk]
 
 
-def _chunks(items: list[FoundFile], size: int) -> Iterator[list[FoundFile]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def cpu_count() -> int:
+    """CPUs this process may run on (a container's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def identify_all(root: str, todo: list[FoundFile], rules: list[_Rules], workers: int,
-                 progress: Progress) -> list[ManifestEntry]:
-    """Rows for `todo`, inspected by up to `workers` processes (inline for one worker or few files)."""
-    task = progress.add_task("crawl", total=len(todo), rate=0.0, size=decimal(0))
-    start, done_bytes, entries = time.perf_counter(), 0, []
+class _Inspection:
+    """Rows for the files to (re-)inspect, with progress and periodic checkpoints."""
 
-    def advance(batch: list[ManifestEntry]) -> None:
-        nonlocal done_bytes
-        entries.extend(batch)
-        done_bytes += sum(e.size for e in batch)
-        elapsed = max(time.perf_counter() - start, 1e-9)
-        progress.update(task, advance=len(batch), rate=len(entries) / elapsed, size=decimal(done_bytes))
+    def __init__(self, root: str, todo: list[FoundFile], rules: list[_Rules], progress: Progress,
+                 checkpoint: Callable[[list[ManifestEntry]], object], checkpoint_s: float):
+        self.root, self.todo, self.rules = root, todo, rules
+        self.progress, self.checkpoint, self.checkpoint_s = progress, checkpoint, checkpoint_s
+        self.task = progress.add_task("crawl", total=len(todo), rate=0.0, size=decimal(0))
+        self.entries: list[ManifestEntry] = []
+        self.done_bytes = 0
+        self.start = self.last_checkpoint = self.last_refresh = time.perf_counter()
 
-    n_procs = min(workers, os.cpu_count() or 1, -(-len(todo) // CHUNK_FILES))
-    if n_procs <= 1:
-        _init_worker(rules)
-        for chunk in _chunks(todo, CHUNK_FILES):
-            advance(_identify_chunk(root, chunk))
-        return entries
-    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-    with ProcessPoolExecutor(n_procs, mp_context=context, initializer=_init_worker,
-                             initargs=(rules,)) as pool:
-        chunks = list(_chunks(todo, CHUNK_FILES))
-        for batch in pool.map(_identify_chunk, [root] * len(chunks), chunks):
-            advance(batch)
-    return entries
+    def advance(self, batch: list[ManifestEntry]) -> None:
+        self.entries.extend(batch)
+        self.done_bytes += sum(e.size for e in batch)
+        now = time.perf_counter()
+        refresh = now - self.last_refresh >= 0.1 or len(self.entries) == len(self.todo)
+        self.progress.update(self.task, advance=len(batch), size=decimal(self.done_bytes),
+                             rate=len(self.entries) / max(now - self.start, 1e-9), refresh=refresh)
+        self.last_refresh = now if refresh else self.last_refresh
+        if now - self.last_checkpoint >= self.checkpoint_s and len(self.entries) < len(self.todo):
+            self.checkpoint(self.entries)
+            self.last_checkpoint = time.perf_counter()
+
+    def run(self, workers: int | None) -> list[ManifestEntry]:
+        """Inline for one worker or few files, else in `workers` processes (default: one per CPU)."""
+        chunks = [self.todo[i : i + CHUNK_FILES] for i in range(0, len(self.todo), CHUNK_FILES)]
+        n_procs = min(workers or cpu_count(), len(chunks))
+        if n_procs <= 1:
+            _init_worker(self.rules)
+            for chunk in chunks:
+                self.advance(_identify_chunk(self.root, chunk))
+        else:
+            suspects = self._pool(chunks, n_procs)
+            while suspects:  # a file crashed a worker (a reader's segfault): isolate it
+                suspects = self._isolate(suspects)
+        return self.entries
+
+    def _executor(self, n_procs: int) -> ProcessPoolExecutor:
+        context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+        return ProcessPoolExecutor(n_procs, mp_context=context, initializer=_init_worker,
+                                   initargs=(self.rules,))
+
+    def _pool(self, chunks: list[list[FoundFile]], n_procs: int) -> list[FoundFile]:
+        """Run the chunks; return the files of those lost to a crashed worker."""
+        lost = []
+        with self._executor(n_procs) as pool:
+            futures = {pool.submit(_identify_chunk, self.root, chunk): chunk for chunk in chunks}
+            for future in as_completed(futures):
+                try:
+                    self.advance(future.result())
+                except BrokenProcessPool:
+                    lost.extend(futures[future])
+        return lost
+
+    def _isolate(self, suspects: list[FoundFile]) -> list[FoundFile]:
+        """One worker, one file per task, in order: the first lost task is the culprit (the
+        tasks after it were lost with it and are returned to try again)."""
+        with self._executor(1) as pool:
+            futures = [pool.submit(_identify_chunk, self.root, [found]) for found in suspects]
+            for i, future in enumerate(futures):
+                try:
+                    self.advance(future.result())
+                except BrokenProcessPool:
+                    culprit = suspects[i]
+                    log.warning("%s crashed a reader process", culprit.relpath)
+                    self.advance([ManifestEntry(culprit.relpath, culprit.size, culprit.mtime_ns,
+                                                error="unreadable: the reader crashed on this file")])
+                    return suspects[i + 1 :]
+        return []
 
 
 def _previous(index_dir: Path, root: Path, fingerprint: str) -> Manifest | None:
@@ -208,6 +253,47 @@ def _previous(index_dir: Path, root: Path, fingerprint: str) -> Manifest | None:
     return previous
 
 
+class _Update:
+    """A crawl relative to the previous manifest: rows that still hold, files to (re-)inspect.
+
+    `assemble` gives a consistent manifest at any point of the crawl: previous rows of the
+    files not re-inspected yet (their recorded size and mtime still tell a later crawl to
+    redo them) plus the fresh rows. So a checkpoint written mid-crawl lets a re-crawl after a
+    kill continue where it stopped.
+    """
+
+    def __init__(self, previous: Manifest | None, found: list[FoundFile], root: Path, fingerprint: str):
+        self.root, self.fingerprint = root, fingerprint
+        self.table = previous.table if previous is not None else SCHEMA.empty_table()
+        paths = self.table["path"].to_pylist()
+        index = {p: (i, s, m) for i, (p, s, m) in enumerate(zip(
+            paths, self.table["size"].to_pylist(), self.table["mtime_ns"].to_pylist(), strict=True))}
+        self.kept: list[int] = []  # previous rows of unchanged files
+        self.stale: dict[str, int] = {}  # previous rows of changed files, by path
+        self.todo: list[FoundFile] = []
+        for f in found:
+            i, size, mtime_ns = index.get(f.relpath, (None, None, None))
+            if (size, mtime_ns) == (f.size, f.mtime_ns):
+                self.kept.append(i)
+                continue
+            self.todo.append(f)
+            if i is not None:
+                self.stale[f.relpath] = i
+
+    def assemble(self, fresh: list[ManifestEntry]) -> Manifest:
+        done = {e.path for e in fresh}
+        old = self.kept + [i for p, i in self.stale.items() if p not in done]
+        new = pa.Table.from_pylist([e.to_row() for e in fresh], schema=SCHEMA)
+        table = pa.concat_tables([self.table.take(pa.array(old, pa.int64())), new]).sort_by("path")
+        return Manifest(table, self.root, self.fingerprint)
+
+    def replaced(self) -> pa.Table:
+        """Previous rows that are gone from the new manifest (files changed or deleted)."""
+        mask = np.ones(self.table.num_rows, dtype=bool)
+        mask[self.kept] = False
+        return self.table.filter(mask)
+
+
 def _usable_capsules(table: pa.Table) -> set[str]:
     return {c for c, e in zip(table["capsule"].to_pylist(), table["error"].to_pylist(), strict=True)
             if c is not None and e is None}
@@ -217,7 +303,7 @@ def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]:,.0f} files/s"), TextColumn("{task.fields[size]}"),
-        TimeElapsedColumn(), disable=not enabled,
+        TimeElapsedColumn(), disable=not enabled, auto_refresh=False,  # no thread when workers fork
     )
 
 
@@ -267,38 +353,26 @@ def crawl(cfg: DictConfig) -> Manifest:
 
     started = time.perf_counter()
     found = list(scan(root))
-    known = {}
-    if previous is not None:
-        old = previous.table
-        known = {p: (i, s, m) for i, (p, s, m) in enumerate(zip(
-            old["path"].to_pylist(), old["size"].to_pylist(), old["mtime_ns"].to_pylist(), strict=True))}
-    kept, todo = [], []
-    for f in found:
-        hit = known.get(f.relpath)
-        if hit is not None and hit[1] == f.size and hit[2] == f.mtime_ns:
-            kept.append(hit[0])
-        else:
-            todo.append(f)
+    update = _Update(previous, found, root, fingerprint)
     rules = [_Rules.of(c) for c in capsules.values()]
     with _progress(cfg.crawl.progress) as progress:
-        fresh = identify_all(str(root), todo, rules, cfg.crawl.workers, progress)
-    new_rows = pa.Table.from_pylist([e.to_row() for e in fresh], schema=SCHEMA)
-    parts = [new_rows] if previous is None else [previous.table.take(kept), new_rows]
-    manifest = Manifest(pa.concat_tables(parts).sort_by("path"), root, fingerprint)
-    write_manifest(manifest, index_dir)
+        inspection = _Inspection(str(root), update.todo, rules, progress, checkpoint_s=cfg.crawl.checkpoint_s,
+                                 checkpoint=lambda rows: write_manifest(update.assemble(rows), index_dir))
+        fresh = inspection.run(cfg.crawl.workers)
+    manifest = update.assemble(fresh)
+    n_dropped = update.table.num_rows - len(update.kept) - len(update.stale)
+    if previous is None or update.todo or n_dropped:  # an unchanged tree leaves the index as it is
+        write_manifest(manifest, index_dir)
     elapsed = time.perf_counter() - started
-    log.info("crawled %d files (%d re-inspected, %d unchanged) in %.2f s -> %s",
-             len(found), len(todo), len(kept), elapsed, index_dir / "manifest.parquet")
+    log.info("crawled %d files (%d inspected, %d unchanged, %d gone) in %.2f s -> %s", len(found),
+             len(update.todo), len(update.kept), n_dropped, elapsed, index_dir / "manifest.parquet")
     summarize(manifest, capsules, Console())
 
-    if cfg.crawl.stats:
-        from ebm_vae.data.stats import run_stats_pass  # imports the stream (torch); only when needed
+    if cfg.crawl.stats:  # imported here: the statistics pass pulls in the stream (and torch)
+        from ebm_vae.data.stats import run_stats_pass
 
-        changed = _usable_capsules(new_rows)
-        if previous is not None:  # capsules that lost usable files changed too
-            replaced = np.ones(previous.table.num_rows, dtype=bool)
-            replaced[kept] = False
-            changed |= _usable_capsules(previous.table.filter(replaced))
+        gained = {e.capsule for e in fresh if e.capsule is not None and e.error is None}
+        changed = gained | _usable_capsules(update.replaced())  # lost usable files: changed too
         usable_now = _usable_capsules(manifest.table)
         for name in sorted(usable_now):
             if name in changed or not (index_dir / name / "stats.json").is_file():

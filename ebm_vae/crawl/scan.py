@@ -43,39 +43,38 @@ def scan(root: str | Path) -> Iterator[FoundFile]:
         seen_files.add(key)
         return FoundFile(relpath, st.st_size, st.st_mtime_ns)
 
-    def walk(dir_path: str, rel_dir: str) -> Iterator[FoundFile]:
-        try:
-            st = os.stat(dir_path)
-        except OSError as exc:
-            log.warning("skipping %s: %s", dir_path, exc.strerror or exc)
-            return
-        if (st.st_dev, st.st_ino) in seen_dirs:
-            return  # a loop, or a folder already walked under another name
-        seen_dirs.add((st.st_dev, st.st_ino))
-        try:
-            with os.scandir(dir_path) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as exc:
-            log.warning("skipping %s: %s", dir_path, exc.strerror or exc)
-            return
-        subdirs = []
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            relpath = f"{rel_dir}{entry.name}"
+    def walk(top: str, rel_top: str) -> Iterator[FoundFile]:
+        """Depth-first with an explicit stack (no recursion limit on deep trees)."""
+        stack = [(top, rel_top)]
+        while stack:
+            dir_path, rel_dir = stack.pop()
             try:
-                if entry.is_symlink():
-                    deferred.append((relpath, entry.path))
-                elif entry.is_dir(follow_symlinks=False):
-                    subdirs.append((entry.path, relpath))
-                elif entry.is_file(follow_symlinks=False):
-                    found = visit_file(relpath, entry.stat(follow_symlinks=False))
-                    if found is not None:
-                        yield found
-            except OSError as exc:  # vanished or unreadable while walking
-                log.warning("skipping %s: %s", entry.path, exc.strerror or exc)
-        for path, relpath in subdirs:
-            yield from walk(path, relpath + "/")
+                st = os.stat(dir_path)
+                if (st.st_dev, st.st_ino) in seen_dirs:
+                    continue  # a loop, or a folder already walked under another name
+                seen_dirs.add((st.st_dev, st.st_ino))
+                with os.scandir(dir_path) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                log.warning("skipping %s: %s", dir_path, exc.strerror or exc)
+                continue
+            subdirs = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                relpath = f"{rel_dir}{entry.name}"
+                try:
+                    if entry.is_symlink():
+                        deferred.append((relpath, entry.path))
+                    elif entry.is_dir(follow_symlinks=False):
+                        subdirs.append((entry.path, relpath + "/"))
+                    elif entry.is_file(follow_symlinks=False):
+                        found = visit_file(relpath, entry.stat(follow_symlinks=False))
+                        if found is not None:
+                            yield found
+                except OSError as exc:  # vanished or unreadable while walking
+                    log.warning("skipping %s: %s", entry.path, exc.strerror or exc)
+            stack.extend(reversed(subdirs))
 
     yield from walk(real_root, "")
     while deferred:

@@ -211,14 +211,36 @@ class Reservoir:
         return self.data[: min(self.seen, len(self.data))]
 
 
-def principal_basis(sample: np.ndarray, mean: np.ndarray, k: int) -> dict[str, np.ndarray] | None:
-    """Top-k principal directions (unit rows, physical units, centred at `mean`) and the std along each."""
-    if len(sample) < 2:
+def principal_basis(sample: np.ndarray, mean: np.ndarray, k: int, seed: int = 0,
+                    power_iterations: int = 3, block_rows: int = 256) -> dict[str, np.ndarray] | None:
+    """Top-k principal directions (unit rows, physical units, centred at `mean`) and the std
+    along each, by a randomised SVD (Halko et al.) of the centred sample.
+
+    The sample is centred block by block in float64, never copied whole: a reservoir of 4096
+    states of 3 x 64 x 64 is 200 MB in float32 and a full SVD of it would need gigabytes.
+    With k + 10 >= the sample's rank the result is the exact SVD's.
+    """
+    n, dim = sample.shape
+    if n < 2:
         return None
-    centred = sample.astype(np.float64) - mean
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
-    k = min(k, len(s))
-    return {"components": vt[:k], "std": s[:k] / np.sqrt(len(sample))}
+    k = min(k, n, dim)
+    rank = min(k + 10, n, dim)
+    blocks = [slice(i, min(n, i + block_rows)) for i in range(0, n, block_rows)]
+
+    def centred(rows: slice) -> np.ndarray:
+        return sample[rows].astype(np.float64) - mean
+
+    def times(v: np.ndarray) -> np.ndarray:  # X_c v: (n, r)
+        return np.concatenate([centred(b) @ v for b in blocks])
+
+    def transposed_times(u: np.ndarray) -> np.ndarray:  # X_c^T u: (dim, r)
+        return sum(centred(b).T @ u[b] for b in blocks)
+
+    q = np.linalg.qr(times(np.random.default_rng(seed).normal(size=(dim, rank))))[0]
+    for _ in range(power_iterations):
+        q = np.linalg.qr(times(np.linalg.qr(transposed_times(q))[0]))[0]
+    _, s, vt = np.linalg.svd(transposed_times(q).T, full_matrices=False)
+    return {"components": vt[:k], "std": s[:k] / np.sqrt(n)}
 
 
 def _progress(enabled: bool) -> Progress:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,22 +99,24 @@ def _unit_hash(unit: WorkUnit) -> float:
 def split_train_val(units: Sequence[WorkUnit], val_fraction: float) -> tuple[list[WorkUnit], list[WorkUnit]]:
     """Deterministic split by a hash of (path, start): a unit's side never depends on the others.
 
-    When the hash leaves validation empty (few units) but a fraction was asked for, the unit
-    with the smallest hash goes to validation; a lone unit is cut in two for that.
+    When the hashes leave one side empty (few units) although 0 < val_fraction < 1, the unit
+    with the most extreme hash changes side; a lone unit is cut in two (val gets the start).
     """
     train = [u for u in units if _unit_hash(u) >= val_fraction]
     val = [u for u in units if _unit_hash(u) < val_fraction]
-    if val_fraction > 0 and not val and units:
-        first = min(units, key=_unit_hash)
-        if len(units) > 1:
-            train.remove(first)
-            val.append(first)
-        elif not first.plan.whole_file and first.stop - first.start >= 2:
-            cut = first.start + max(1, math.ceil((first.stop - first.start) * val_fraction))
-            cut = min(cut, first.stop - 1)
-            train = [WorkUnit(first.path, cut, first.stop, first.plan, first.format, first.size, first.mtime_ns)]
-            val = [WorkUnit(first.path, first.start, cut, first.plan, first.format, first.size, first.mtime_ns)]
-    return train, val
+    if not 0 < val_fraction < 1 or not units or (train and val):
+        return train, val
+    if len(units) > 1:
+        if val:
+            moved = max(val, key=_unit_hash)
+            return [moved], [u for u in val if u is not moved]
+        moved = min(train, key=_unit_hash)
+        return [u for u in train if u is not moved], [moved]
+    (unit,) = units
+    if unit.plan.whole_file or unit.stop - unit.start < 2:
+        return train, val
+    cut = min(unit.stop - 1, unit.start + max(1, math.ceil((unit.stop - unit.start) * val_fraction)))
+    return [replace(unit, start=cut)], [replace(unit, stop=cut)]
 
 
 def split_units(units: Sequence[WorkUnit], rank: int, world: int, worker: int,
@@ -151,48 +154,100 @@ def read_unit(extractor: Extractor, root: Path, unit: WorkUnit, chunk: int) -> I
         yield from extractor.iter_states(handle, unit.plan, unit.start, unit.stop, chunk)
 
 
-class ShuffleBuffer:
-    """At most `capacity` states; each batch is a uniform draw without replacement from it.
+class ZScore:
+    """(x - mean) / std over (n, D) float32 states, in place or into a new array.
 
-    Once full, every incoming chunk is pushed in a batch at a time: a batch is drawn, the
-    holes are filled from the buffer's tail, and new states refill the tail. Memory is
-    `capacity` states whatever the file size.
+    Works a block of `rows` rows (~64K values, 256 KB) at a time: the block is still in cache
+    for the multiply after the subtract, and numpy's inner loop runs over the whole block
+    (broadcasting over a short last axis, D = 2, is an order of magnitude slower).
     """
 
-    def __init__(self, capacity: int, batch_size: int, dim: int, rng: np.random.Generator):
+    BLOCK_VALUES = 1 << 16
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray):
+        self.rows = max(1, self.BLOCK_VALUES // len(mean))
+        self.mean = np.tile(mean.astype(np.float32), self.rows)
+        self.inv_std = np.tile((1.0 / std).astype(np.float32), self.rows)
+
+    def __call__(self, states: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty_like(states) if out is None else out
+        src, dst = states.reshape(-1), out.reshape(-1)
+        block = len(self.mean)
+        for start in range(0, len(src), block):
+            s, d = src[start : start + block], dst[start : start + block]
+            np.subtract(s, self.mean[: len(s)], out=d)
+            np.multiply(d, self.inv_std[: len(s)], out=d)
+        return out
+
+
+class ShuffleBuffer:
+    """At most `capacity` states in fixed slots; batches are uniform draws without replacement.
+
+    When the buffer is full, a random three quarters of it (whole batches, at least one) go
+    out, z-scored, and the freed slots take the next states, so memory is `capacity` states
+    whatever the file size and every state that goes out is a uniform draw from what the
+    buffer holds. Rows are moved as single opaque items (a void view), one copy in and one
+    out, which is what makes the buffer cheap for both 2-value and 12,288-value states.
+    """
+
+    def __init__(self, capacity: int, batch_size: int, dim: int, rng: np.random.Generator,
+                 zscore: ZScore, storage: np.ndarray | None = None):
+        """`storage`: a (>= capacity, dim) float32 array to reuse; the first writes to fresh
+        memory page-fault, which for a 256 MB buffer costs as much as an epoch of small files."""
         self.capacity = max(capacity, batch_size)
         self.batch_size = batch_size
-        self.data = np.empty((self.capacity, dim), dtype=np.float32)
-        self.size = 0
+        if storage is None or storage.shape[0] < self.capacity or storage.shape[1] != dim:
+            storage = np.empty((self.capacity, dim), dtype=np.float32)
+        self.data = storage[: self.capacity]
+        self.rows = self.data.view(np.dtype((np.void, 4 * dim))).reshape(-1)
+        self.free = np.arange(self.capacity)  # empty slots, filled front first
         self.rng = rng
+        self.zscore = zscore
+
+    @property
+    def size(self) -> int:
+        return self.capacity - len(self.free)
 
     def push(self, states: np.ndarray) -> Iterator[np.ndarray]:
-        """Add `states`; yield a batch each time the buffer fills."""
+        """Add (n, D) float32 states; yield z-scored batches each time the buffer fills."""
         pos = 0
         while pos < len(states):
-            take = min(self.capacity - self.size, len(states) - pos)
-            self.data[self.size : self.size + take] = states[pos : pos + take]
-            self.size += take
+            take = min(len(self.free), len(states) - pos)
+            part = np.ascontiguousarray(states[pos : pos + take])
+            self.rows[self.free[:take]] = part.view(self.rows.dtype).reshape(-1)
+            self.free = self.free[take:]
             pos += take
-            if self.size == self.capacity:
-                yield self._draw(self.batch_size)
+            if not len(self.free):
+                yield from self._draw(max(1, self.capacity * 3 // 4 // self.batch_size))
 
     def drain(self) -> Iterator[np.ndarray]:
-        """The rest, shuffled, in batches (the last one may be partial)."""
-        while self.size:
-            yield self._draw(min(self.batch_size, self.size))
+        """The whole batches the buffer holds, shuffled; under one batch stays for later."""
+        if self.size >= self.batch_size:
+            yield from self._draw(self.size // self.batch_size)
 
-    def _draw(self, k: int) -> np.ndarray:
-        n = self.size
-        picked = self.rng.choice(n, k, replace=False) if k < n else self.rng.permutation(n)
-        batch = self.data[picked]
-        tail = n - k  # slots [tail, n) are vacated: move their unpicked states into the holes
-        holes = picked[picked < tail]
-        in_tail = np.zeros(k, dtype=bool)
-        in_tail[picked[picked >= tail] - tail] = True
-        self.data[holes] = self.data[tail + np.flatnonzero(~in_tail)]
-        self.size = tail
-        return batch
+    def _draw(self, n_batches: int) -> Iterator[np.ndarray]:
+        if len(self.free):
+            held = np.ones(self.capacity, dtype=bool)
+            held[self.free] = False
+            occupied = np.flatnonzero(held)
+            picked = occupied[self.rng.permutation(len(occupied))[: n_batches * self.batch_size]]
+        else:
+            picked = self.rng.permutation(self.capacity)[: n_batches * self.batch_size]
+        for start in range(0, len(picked), self.batch_size):
+            yield self._gather(picked[start : start + self.batch_size])
+        self.free = np.concatenate([self.free, picked])  # their states are out: slots reusable
+
+    def _gather(self, slots: np.ndarray) -> np.ndarray:
+        """One z-scored batch. Allocated per batch, not per draw: allocations of a few MB are
+        recycled by malloc, while a draw-sized one (up to the whole buffer) would be mapped
+        fresh from the OS every time and page-fault on every write."""
+        out = np.empty((len(slots), self.data.shape[1]), dtype=np.float32)
+        out_rows = out.view(self.rows.dtype).reshape(-1)
+        for start in range(0, len(slots), self.zscore.rows):  # z-score each block while cached
+            block = slice(start, start + self.zscore.rows)
+            np.take(self.rows, slots[block], out=out_rows[block])
+            self.zscore(out[block], out=out[block])
+        return out
 
 
 def _batched(chunks: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
@@ -226,13 +281,16 @@ class StateStream(IterableDataset):
     Every rank yields the same number of batches, its budget
     B = `batches_per_epoch` or max(1, floor(samples of the split / (world x batch_size))),
     from the manifest's sample counts; worker w of a rank yields B // n_workers, plus one for
-    w < B % n_workers, so the budgets depend on nothing read. Remainder policy: a share whose
-    units run out before its budget reads its own units again (a share without units reads
-    everyone's); a share with more stops at its budget. With equal shares at most
-    world x batch_size - 1 samples (plus the buffer's rounding) are left out of an epoch, the
-    ones left differ from epoch to epoch, and no rank waits for another. States pass a shuffle
-    buffer of `shuffle_buffer` states (at most `shuffle_buffer_bytes`, never under one batch)
-    seeded by (seed, epoch, rank, worker).
+    w < B % n_workers, so the budgets depend on nothing read and no rank waits for another.
+    Remainder policy, per share: one holding more than its budget x batch_size samples stops at
+    its budget (the rest is left out this epoch; which samples changes with the epoch's
+    permutation); one holding fewer yields all of its samples (but fewer than batch_size that
+    wait in the shuffle buffer), then reads its own units again (repeats); a share without
+    units reads everyone's. Shares are balanced by samples (`split_units`), so the left-out and
+    repeated samples are bounded by about one work unit per share plus world x batch_size; with
+    equal shares and a total divisible by world x n_workers x batch_size every sample is
+    yielded exactly once. States pass a shuffle buffer of `shuffle_buffer` states (at most
+    `shuffle_buffer_bytes`, never under one batch) seeded by (seed, epoch, rank, worker).
 
     Validation (`train=False`): no shuffling or cycling; each share reads its units in order
     once, every sample exactly once over all shares; the last batch of a share may be partial.
@@ -258,13 +316,17 @@ class StateStream(IterableDataset):
         self.chunk = chunk_samples(self.state, chunk_bytes)
         self.batches_per_epoch = batches_per_epoch
         self.rank, self.world = rank, world
-        self.mean = stats.mean.astype(np.float32)
-        self.inv_std = (1.0 / stats.std).astype(np.float32)
+        self.zscore = ZScore(stats.mean, stats.std)
         # shared memory: persistent DataLoader workers see set_epoch made in the main process
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.n_samples = sum(u.n_samples for u in self.units)
         self.dropped = 0  # non-finite samples dropped by this process's iterators
         self.skipped: dict[str, str] = {}  # path -> reason, files skipped by this process
+        self._storage: np.ndarray | None = None  # the shuffle buffer's memory, made in the worker
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What goes to a spawned DataLoader worker: never the shuffle buffer's memory."""
+        return {**self.__dict__, "_storage": None}
 
     @property
     def epoch(self) -> int:
@@ -301,7 +363,7 @@ class StateStream(IterableDataset):
         epoch = self.epoch
         if not self.train:
             mine = split_units(self.units, rank, world, worker, n_workers)
-            yield from _batched(self._states(mine), self.batch_size)
+            yield from _batched(map(self.zscore, self._states(mine)), self.batch_size)
             return
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
         units = [self.units[i] for i in order]
@@ -311,23 +373,26 @@ class StateStream(IterableDataset):
         if budget == 0:
             return
         rng = np.random.default_rng([self.seed, epoch, rank, worker])
-        buffer = ShuffleBuffer(self.shuffle_buffer, self.batch_size, self.state.dim, rng)
-        emitted = 0
-        for states in self._cycle(mine, units):
-            for batch in buffer.push(states):
-                yield batch
-                emitted += 1
-                if emitted == budget:
-                    return
+        storage, self._storage = self._storage, None  # reused across epochs, one iterator at a time
+        buffer = ShuffleBuffer(self.shuffle_buffer, self.batch_size, self.state.dim, rng, self.zscore,
+                               storage)
+        batches = self._train_batches(mine, units, buffer)
+        try:
+            yield from itertools.islice(batches, budget)
+        finally:
+            batches.close()  # closes the file being read
+            self._storage = buffer.data
 
-    def _cycle(self, mine: list[WorkUnit], everyone: list[WorkUnit]) -> Iterator[np.ndarray]:
-        """Own units again and again; everyone's when the own ones give nothing."""
+    def _train_batches(self, mine: list[WorkUnit], everyone: list[WorkUnit],
+                       buffer: ShuffleBuffer) -> Iterator[np.ndarray]:
+        """Endless batches: passes over the own units (everyone's when the own give nothing)."""
         source = mine or everyone
         while True:
             got = 0
             for states in self._states(source):
                 got += len(states)
-                yield states
+                yield from buffer.push(states)
+            yield from buffer.drain()  # a pass ends: its samples go out before any repeats
             if got:
                 continue
             if source is everyone:
@@ -336,7 +401,7 @@ class StateStream(IterableDataset):
             source = everyone
 
     def _states(self, units: Iterable[WorkUnit]) -> Iterator[np.ndarray]:
-        """Finite, z-scored states of `units`, chunk by chunk; bad files skipped."""
+        """Finite states of `units` in physical units, chunk by chunk; bad files skipped."""
         dropped = 0
         try:
             for unit in units:
@@ -344,13 +409,11 @@ class StateStream(IterableDataset):
                     continue
                 try:
                     for states in read_unit(self.extractor, self.root, unit, self.chunk):
-                        finite = np.isfinite(states).all(axis=1)
-                        if not finite.all():
+                        if not np.isfinite(states).all():  # the per-row test only when needed
+                            finite = np.isfinite(states).all(axis=1)
                             dropped += int(len(finite) - finite.sum())
                             states = states[finite]
                         if len(states):
-                            states = states - self.mean
-                            states *= self.inv_std
                             yield states
                 except Exception as exc:  # a bad file never stops training: skip it, say why
                     self.skipped[unit.path] = one_line(exc)

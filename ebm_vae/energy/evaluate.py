@@ -50,13 +50,13 @@ def activation_elements(vae, k: int = 1) -> int:
     leaves = [m for m in vae.modules() if not any(m.children())]
     hooks = [m.register_forward_hook(count) for m in leaves]
     try:
-        probe = torch.zeros(1, *vae.state.shape, device=vae.norm_mean.device)
+        probe = torch.zeros(1, *vae.state_info.shape, device=vae.norm_mean.device)
         with torch.inference_mode():
             vae.log_prob_bound(probe, k=k, generator=None)
     finally:
         for hook in hooks:
             hook.remove()
-    return max(total, vae.state.dim)
+    return max(total, vae.state_info.dim)
 
 
 def chunk_points_for(vae, k: int, device: torch.device) -> int:
@@ -94,8 +94,7 @@ def evaluate_energy(vae, states: Callable[[int, int], np.ndarray], n_points: int
         start = 0
         while start < n_points:
             stop = min(n_points, start + chunk)
-            x = torch.as_tensor(states(start, stop), dtype=torch.float64, device=device)
-            z = vae.standardize(x).to(torch.float32).reshape(stop - start, *vae.state.shape)
+            z = vae.standardize(torch.as_tensor(states(start, stop), dtype=torch.float32))
             try:
                 bound = vae.log_prob_bound(z, k=k, generator=generator)
             except torch.OutOfMemoryError:

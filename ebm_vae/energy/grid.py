@@ -45,6 +45,14 @@ class GridStats:
     pca_components: np.ndarray | None = None
     pca_std: np.ndarray | None = None
 
+    @classmethod
+    def from_stats(cls, stats) -> GridStats:
+        """From the crawl's `ebm_vae.data.stats.Stats` (index/<capsule>/stats.json)."""
+        pca = stats.pca or {}
+        return cls(mean=np.asarray(stats.mean, dtype=np.float64), std=np.asarray(stats.std, dtype=np.float64),
+                   lo=np.asarray(stats.min, dtype=np.float64), hi=np.asarray(stats.max, dtype=np.float64),
+                   pca_components=pca.get("components"), pca_std=pca.get("std"))
+
 
 @dataclass(frozen=True)
 class GridAxis:
@@ -77,8 +85,8 @@ class StateGrid:
             raise GridError(f"export.axes: repeated axis in {axes}")
         if resolution < 2:
             raise GridError(f"export.resolution must be >= 2, got {resolution}")
-        if limits is not None and len(limits) != len(axes):
-            raise GridError(f"export.limits: {len(limits)} pairs for {len(axes)} axes {axes}")
+        if limits is not None:
+            limits = _parse_limits(limits, axes)
         on_pcs = [_PC.match(a) is not None for a in axes]
         if any(on_pcs) and not all(on_pcs):
             raise GridError(f"export.axes: mix of principal components and state components in {axes}")
@@ -88,11 +96,11 @@ class StateGrid:
             indices, units, default_lims = _component_axes(state, stats, axes)
         grid_axes = []
         for d, name in enumerate(axes):
-            lo, hi = (float(v) for v in limits[d]) if limits is not None else default_lims[d]
+            lo, hi = limits[d] if limits is not None else default_lims[d]
             if limits is not None:
                 _check_limits(name, lo, hi, stats, None if all(on_pcs) else indices[d])
             grid_axes.append(GridAxis(name, units[d], np.linspace(lo, hi, resolution), indices[d]))
-        held = _reference(state, stats, axes, indices, all(on_pcs), dict(reference or {}))
+        held = _reference(state, stats, axes, all(on_pcs), dict(reference or {}))
         return cls(state, stats, grid_axes, held)
 
     # -- geometry -------------------------------------------------------------------------
@@ -108,7 +116,7 @@ class StateGrid:
     def points(self, start: int, stop: int) -> np.ndarray:
         """Coordinates (n, n_axes) of the flat grid points [start, stop), C order (ij indexing)."""
         idx = np.unravel_index(np.arange(start, stop), self.shape)
-        return np.stack([a.values[i] for a, i in zip(self.axes, idx)], axis=1)
+        return np.stack([a.values[i] for a, i in zip(self.axes, idx, strict=True)], axis=1)
 
     def states(self, start: int, stop: int) -> np.ndarray:
         """Full flat physical states (n, D) float64 of the grid points [start, stop)."""
@@ -179,13 +187,25 @@ def _pc_axes(state, stats, axes):
                         f"{state.kind} state lack; name state components instead")
     k = len(stats.pca_components)
     indices = [int(_PC.match(a).group(1)) - 1 for a in axes]
-    beyond = [a for a, i in zip(axes, indices) if i >= k]
+    beyond = [a for a, i in zip(axes, indices, strict=True) if i >= k]
     if beyond:
         raise GridError(f"export.axes: {beyond} beyond the {k} principal components stored")
     units = sorted(set(state.units))
     unit = units[0] if len(units) == 1 else "mixed"
     limits = [(-LIMIT_STDS * float(stats.pca_std[i]), LIMIT_STDS * float(stats.pca_std[i])) for i in indices]
     return indices, [unit] * len(axes), limits
+
+
+def _parse_limits(limits, axes) -> list[tuple[float, float]]:
+    if len(limits) != len(axes):
+        raise GridError(f"export.limits: {len(limits)} pairs for {len(axes)} axes {axes}")
+    try:
+        pairs = [(float(lo), float(hi)) for lo, hi in limits]
+    except (TypeError, ValueError):
+        raise GridError(f"export.limits: expected [[lo, hi], ...] numbers, got {limits}") from None
+    if not all(np.isfinite(pairs).all(axis=1)):
+        raise GridError(f"export.limits: not finite: {limits}")
+    return pairs
 
 
 def _check_limits(name, lo, hi, stats, component):
@@ -203,7 +223,7 @@ def _check_limits(name, lo, hi, stats, component):
                     "energies there are extrapolations of the model", name, lo, hi, seen_lo, seen_hi)
 
 
-def _reference(state, stats, axes, indices, on_pcs, reference):
+def _reference(state, stats, axes, on_pcs, reference):
     if on_pcs:
         held = np.zeros(len(stats.pca_components))
         position = {f"pc{i + 1}": i for i in range(len(held))}

@@ -13,16 +13,16 @@ reported. States with a NaN/Inf component are dropped, as the training stream dr
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ebm_vae.config import CapsuleConfig
+from ebm_vae.crawl.manifest import Manifest
 from ebm_vae.data.extractors import EXTRACTORS
-from ebm_vae.data.readers import READERS
+from ebm_vae.data.readers.base import one_line
+from ebm_vae.data.stream import WorkUnit, chunk_samples, entry_plan, read_unit
 from ebm_vae.energy.grid import StateGrid
 
 log = logging.getLogger(__name__)
@@ -90,46 +90,36 @@ class HistogramResult:
     skipped: list[dict]  # {path, reason} of every file that failed
 
 
-def histogram_energy(grid: StateGrid, capsule: CapsuleConfig, manifest, chunk: int = 65536,
-                     progress: bool = True) -> HistogramResult:
+def histogram_energy(grid: StateGrid, capsule: CapsuleConfig, manifest: Manifest,
+                     chunk_bytes: int = 8 * 2**20, progress: bool = True) -> HistogramResult:
     """Count the states of every usable manifest file of `capsule` on `grid`.
 
-    A file that fails (unreadable, changed layout, other state shape) is skipped whole with a
+    Files are read as the training stream reads them (`read_unit`: a changed file is refused).
+    A file that fails, or whose state shape differs from the grid's, is skipped whole with a
     one-line reason naming it: its partial counts are discarded, so the histogram stays exact
     for the files it lists.
     """
     extractor = EXTRACTORS[capsule.extractor](capsule)
-    entries = manifest.usable(capsule.name)
+    chunk = chunk_samples(grid.state, chunk_bytes)
     total = HistogramCounts(grid)
     files, skipped = [], []
+    entries = manifest.usable(capsule.name)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task(f"histogram {capsule.name}", total=sum(int(e.n_samples) for e in entries))
+        task = bar.add_task(f"histogram {capsule.name}", total=sum(e.n_samples for e in entries))
         for entry in entries:
-            path = Path(manifest.root) / entry.path
+            part = HistogramCounts(grid)
             try:
-                counts = _count_file(grid, extractor, entry.format, path, chunk,
-                                     lambda n: bar.advance(task, n))
-                stat = os.stat(path)
-            except Exception as exc:  # any failure of one file: record it and go on
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                log.warning("%s: skipped: %s", path, reason)
-                skipped.append({"path": entry.path, "reason": reason})
+                plan = entry_plan(extractor, entry)
+                if plan.state.shape != grid.state.shape:
+                    raise ValueError(f"state shape {plan.state.shape} differs from the map's {grid.state.shape}")
+                for states in read_unit(extractor, manifest.root, WorkUnit.whole(entry, plan), chunk):
+                    part.add(states)
+                    bar.advance(task, len(states))
+            except Exception as exc:  # a bad file never stops the pass; its partial counts are dropped
+                log.warning("skipping %s: %s", entry.path, one_line(exc))
+                skipped.append({"path": entry.path, "reason": one_line(exc)})
                 continue
-            total.merge(counts)
-            files.append({"path": entry.path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+            total.merge(part)
+            files.append({"path": entry.path, "size": entry.size, "mtime_ns": entry.mtime_ns})
     return HistogramResult(total, files, skipped)
-
-
-def _count_file(grid, extractor, fmt, path, chunk, advance) -> HistogramCounts:
-    reader = READERS[fmt]
-    plan = extractor.plan(reader.inspect(path))
-    if tuple(plan.state.shape) != tuple(grid.state.shape):
-        raise ValueError(f"state shape {tuple(plan.state.shape)} differs from the capsule's "
-                         f"{tuple(grid.state.shape)}")
-    counts = HistogramCounts(grid)
-    with reader.open(path) as handle:
-        for states in extractor.iter_states(handle, plan, 0, plan.extent, chunk):
-            counts.add(np.asarray(states).reshape(len(states), -1))
-            advance(len(states))
-    return counts

@@ -137,7 +137,8 @@ class EnergyMap:
                 weight *= frac[d] if up else 1.0 - frac[d]
             corner_values = values[tuple(lower[d] + up for d, up in enumerate(corner))]
             # Skip zero weights: a +inf (empty) neighbour must not turn 0 * inf into NaN.
-            result += np.where(weight > 0, weight * corner_values, 0.0)
+            with np.errstate(invalid="ignore"):
+                result += np.where(weight > 0, weight * corner_values, 0.0)
         result[~inside] = np.inf
         return result
 
@@ -160,7 +161,7 @@ class EnergyMap:
         found = np.argwhere(np.isfinite(values) & (values <= window_min))
         minima = [
             Minimum(tuple(int(i) for i in idx),
-                    np.array([axis[i] for axis, i in zip(self.axes, idx)]), float(values[tuple(idx)]))
+                    np.array([axis[i] for axis, i in zip(self.axes, idx, strict=True)]), float(values[tuple(idx)]))
             for idx in found
         ]
         return sorted(minima, key=lambda m: m.energy)

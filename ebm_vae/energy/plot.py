@@ -28,7 +28,7 @@ def plot_map(energy_map: EnergyMap, path: str | Path) -> Path:
     finite = np.isfinite(values)
     e_min = float(values[finite].min()) if finite.any() else 0.0
     relative = np.ma.masked_invalid(np.minimum(values - e_min, CLIP_KT))
-    labels = [f"{n} [{u}]" if u else n for n, u in zip(energy_map.axis_names, energy_map.axis_units)]
+    labels = [f"{n} [{u}]" if u else n for n, u in zip(energy_map.axis_names, energy_map.axis_units, strict=True)]
     meta = energy_map.metadata
     title = f"{meta.get('capsule', '')}: {meta.get('method', '')}"
     if meta.get("method", "").startswith("vae"):

@@ -22,6 +22,13 @@ from ebm_vae.data.extractors.base import (
 from ebm_vae.data.readers.base import ArrayHandle, FileInfo, TableHandle, VariableInfo
 
 
+def _numeric(dtype: str) -> bool:
+    try:
+        return np.dtype(dtype).kind in "biuf"
+    except TypeError:  # a type numpy does not know (e.g. an HDF5 compound or string type name)
+        return False
+
+
 class TableExtractor(Extractor):
     name = "table"
     formats = ("csv", "parquet", "hdf5", "netcdf")
@@ -37,7 +44,6 @@ class TableExtractor(Extractor):
         return StateInfo("vector", (len(self.names),), tuple(self.names), units)
 
     def _array_length(self, variables: dict[str, VariableInfo]) -> int:
-        require(variables, self.names)
         shapes = {n: tuple(variables[n].shape) for n in self.names}
         not_1d = [n for n, s in shapes.items() if len(s) != 1]
         if not_1d:
@@ -50,8 +56,11 @@ class TableExtractor(Extractor):
     def plan(self, info: FileInfo) -> FilePlan:
         self.check_format(info)
         variables = variables_of(info)
+        require(variables, self.names)
+        text = [n for n in self.names if not _numeric(variables[n].dtype)]
+        if text:
+            raise ExtractError(f"variables {text} are not numeric ({[variables[n].dtype for n in text]})")
         if info.format in ("csv", "parquet"):
-            require(variables, self.names)
             n_rows, extent = table_extent(info)
             return FilePlan(n_samples=n_rows, extent=extent, state=self._state())
         n = self._array_length(variables)

@@ -27,16 +27,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import csv as pacsv
 
-from ebm_vae.data.readers.base import FileInfo, Reader, ReadError, TableHandle, VariableInfo, one_line
+from ebm_vae.data.readers.base import (
+    FileInfo,
+    Reader,
+    ReadError,
+    TableHandle,
+    VariableInfo,
+    one_line,
+)
 from ebm_vae.data.readers.parquet import column_to_numpy
 
-SAMPLE_BYTES = 64 << 10  # header + the lines that decide the column types
+SAMPLE_BYTES = 64 << 10  # the header and the lines that decide the column types...
+SAMPLE_LINES = 64  # ...at most this many of them
 COUNT_BYTES = 1 << 20  # newline counting reads this much at a time
 TIME_NAMES = {"timestamp", "time", "datetime", "date"}
 TIME_UNITS = "s since 1970-01-01 UTC"
 NUMBER_RE = r"^[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)(e[+-]?[0-9]+)?|nan|inf|infinity)$"
 _ASCII_TEXT = bytes(range(32, 127)) + b"\t\n\r\f"
-DATE_RE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}"
 TIME_TYPES = (pa.timestamp("ns"), pa.timestamp("ns", tz="UTC"))
 
 
@@ -76,24 +83,9 @@ def _epoch_seconds(text: str | None) -> float:
     return stamp.timestamp()
 
 
-def _time_type(values: pa.Array) -> pa.DataType | None:
-    """The timestamp type pyarrow parses the date-like strings with (zone-less first), or None."""
-    values = pc.utf8_trim_whitespace(values.drop_null())
-    values = values.filter(pc.match_substring_regex(values, DATE_RE))
-    if len(values) == 0:
-        return None
-    for kind in TIME_TYPES:
-        try:
-            pc.cast(values, kind)
-            return kind
-        except pa.ArrowInvalid:
-            continue
-    return None
-
-
 @dataclass(frozen=True)
 class _Layout:
-    """What the first SAMPLE_BYTES of a file say: columns, their types, where data starts."""
+    """What the first lines of a file say: columns, their types, where data starts."""
 
     names: tuple[str, ...]
     types: dict[str, pa.DataType]  # float64, a timestamp type, or string
@@ -119,29 +111,40 @@ class _Layout:
         if duplicates:
             raise ReadError(f"duplicate columns {duplicates}")
         body = sample[header_end : sample.rfind(b"\n") + 1] if newline >= 0 else b""
-        strings = _parse(body, names, {n: pa.string() for n in names}) if body.strip() else None
-        types = {n: cls._column_type(n, None if strings is None else strings.column(n)) for n in names}
+        lines = body.decode("utf-8", errors="replace").splitlines()[:SAMPLE_LINES]
+        rows = [r for r in pycsv.reader(lines) if len(r) == len(names)]
+        types = {n: _column_type(n, [r[j] for r in rows]) for j, n in enumerate(names)}
         n_lines = max(1, body.count(b"\n"))
         return cls(names, types, header_end, len(body) / n_lines if body else 64.0)
 
-    @staticmethod
-    def _column_type(name: str, values: pa.ChunkedArray | None) -> pa.DataType:
-        """float64 for mostly-number columns, a timestamp type for time columns, else string.
 
-        A column named like a time (`timestamp`, `time`, ...) holding numbers is taken as epoch
-        seconds; holding junk only, it is still a time column (its junk becomes NaN).
-        """
-        if values is None:
-            return pa.float64()
-        values = values.combine_chunks()
-        filled = values.filter(pc.not_equal(pc.utf8_trim_whitespace(values), ""))
-        mostly_numbers = 2 * int(np.count_nonzero(~np.isnan(_to_float(filled)))) >= len(filled)
-        if mostly_numbers:
-            return pa.float64()
-        time_type = _time_type(filled)
-        if time_type is not None:
-            return time_type
-        return TIME_TYPES[0] if name.lower() in TIME_NAMES else pa.string()
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _column_type(name: str, values: list[str]) -> pa.DataType:
+    """float64 for mostly-number columns, a timestamp type for time columns, else string.
+
+    Decided in Python from the sample lines (cheaper than a pyarrow read for the small files a
+    crawl meets by the thousand). A column named like a time (`timestamp`, `time`, ...) holding
+    numbers is taken as epoch seconds; holding junk only, it is still a time column.
+    """
+    filled = [v.strip() for v in values if v.strip()]
+    if not filled or 2 * sum(map(_is_number, filled)) >= len(filled):
+        return pa.float64()
+    stamps = []
+    for text in filled:
+        try:
+            stamps.append(datetime.fromisoformat(text.replace("Z", "+00:00")))
+        except ValueError:
+            continue
+    if stamps and (2 * len(stamps) >= len(filled) or name.lower() in TIME_NAMES):
+        return TIME_TYPES[1] if any(s.tzinfo is not None for s in stamps) else TIME_TYPES[0]
+    return TIME_TYPES[0] if name.lower() in TIME_NAMES else pa.string()
 
 
 def _parse(block: bytes, names: tuple[str, ...], types: dict[str, pa.DataType],

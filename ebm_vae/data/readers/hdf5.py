@@ -1,4 +1,8 @@
-"""HDF5 with h5py: every dataset of the file (walked with visititems) is a variable.
+"""HDF5 with h5py: every dataset of the file, in any group, is a variable (named by its path).
+
+Inspection reads the root attributes (all, as strings, for capsule matching) and per dataset
+its shape, dtype and the attributes that give its values meaning (units, fill, packing);
+dimension names are not read (NetCDF-4 files named `.nc` go to the NetCDF reader for those).
 
 A dataset's chunk cache is sized, on its first read, to the chunks that read touches: the
 stream reads one range of snapshots after another with the same shape, so chunks spanning
@@ -45,62 +49,52 @@ def has_signature(head: bytes) -> bool:
     return any(head[o : o + len(SIGNATURE)] == SIGNATURE for o in SIGNATURE_OFFSETS)
 
 
-def _read_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
-    """Attributes as plain values; ones of a type h5py cannot convert are skipped."""
-    out = {}
-    for key in attrs:
-        if key in _INTERNAL_ATTRS:
-            continue
-        try:
-            out[key] = plain_value(attrs[key])
-        except (OSError, TypeError, ValueError):
-            continue
-    return out
+def _read_attrs(oid: h5py.h5o.ObjectID, wanted: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Attributes of an object as plain values: all of them (but HDF5/NetCDF bookkeeping), or
+    only the `wanted` ones; ones of a type numpy cannot hold are skipped.
 
-
-def _value_attrs(dsid: h5py.h5d.DatasetID) -> dict[str, Any]:
-    """The attributes that say what a dataset's values mean (units, fill, packing).
-
-    Only these are read: a file of many small datasets can carry hundreds of other attributes,
-    and reading each costs as much as opening the file.
+    Read with the low-level API: a crawl meets small files by the thousand, and there the
+    high-level AttributeManager costs about as much per attribute as opening the file.
     """
-    present = [name for name in VALUE_ATTRS if h5py.h5a.exists(dsid, name.encode())]
-    if not present:
-        return {}
-    attrs = h5py.Dataset(dsid).attrs
     out = {}
-    for name in present:
+    for index in range(h5py.h5o.get_info(oid).num_attrs):
         try:
-            out[name] = plain_value(attrs[name])
+            attr = h5py.h5a.open(oid, index=index)
+            name = attr.name.decode("utf-8", errors="replace")
+            if name in _INTERNAL_ATTRS or (wanted is not None and name not in wanted):
+                continue
+            value = np.empty(attr.shape, attr.dtype)
+            attr.read(value)
         except (OSError, TypeError, ValueError):
             continue
+        out[name] = plain_value(value)
     return out
 
 
-def _describe(f: h5py.File) -> tuple[dict[str, str], list[VariableInfo]]:
-    """Root attributes (as strings) and every dataset, walked with the low-level API: the
-    high-level `visititems` builds a Python object per group and dataset, several times slower
-    on the small files a crawl meets by the thousand."""
-    attrs = {k: attr_text(v) for k, v in _read_attrs(f.attrs).items()}
+def _describe(fid: h5py.h5f.FileID) -> tuple[dict[str, str], list[VariableInfo]]:
+    """Root attributes (as strings) and every dataset, walked with the low-level API (the
+    high-level `visititems` builds a Python object per group and dataset)."""
+    attrs = {k: attr_text(v) for k, v in _read_attrs(fid).items()}
     variables: list[VariableInfo] = []
 
     def visit(name: bytes, info: h5py.h5o.ObjInfo) -> None:
         if info.type == h5py.h5o.TYPE_DATASET:
-            dsid = h5py.h5d.open(f.id, name)
+            dsid = h5py.h5d.open(fid, name)
             variables.append(VariableInfo(name=name.decode("utf-8", errors="replace"),
                                           shape=tuple(int(n) for n in dsid.shape),
-                                          dtype=str(dsid.dtype), attrs=_value_attrs(dsid)))
+                                          dtype=str(dsid.dtype), attrs=_read_attrs(dsid, VALUE_ATTRS)))
 
-    h5py.h5o.visit(f.id, visit, info=True)
+    h5py.h5o.visit(fid, visit, info=True)
     variables.sort(key=lambda v: v.name)
     return attrs, variables
 
 
-def _open(path: Path, **kwargs: Any) -> h5py.File:
+def _open(path: Path) -> h5py.h5f.FileID:
+    """The low-level file id: cheaper to open and close than `h5py.File`, which wraps it."""
     if os.path.getsize(path) == 0:
         raise ReadError("empty file")
     try:
-        return h5py.File(path, "r", **kwargs)
+        return h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY)
     except OSError as exc:
         msg = one_line(exc)
         sizes = re.search(r"eof = (\d+).*stored_eof = (\d+)", msg)
@@ -111,9 +105,9 @@ def _open(path: Path, **kwargs: Any) -> h5py.File:
         raise ReadError(f"unreadable HDF5: {msg}") from None
 
 
-def _walk(f: h5py.File) -> tuple[dict[str, str], list[VariableInfo]]:
+def _walk(fid: h5py.h5f.FileID) -> tuple[dict[str, str], list[VariableInfo]]:
     try:
-        return _describe(f)
+        return _describe(fid)
     except (OSError, RuntimeError, KeyError, ValueError) as exc:
         raise ReadError(f"corrupt HDF5: {one_line(exc)}") from None
 
@@ -149,12 +143,13 @@ def chunk_cache_bytes(shape: tuple[int, ...], chunks: tuple[int, ...] | None, it
 class Hdf5Handle(ArrayHandle):
     def __init__(self, path: Path):
         self.path = path
-        self._file = _open(path)
+        fid = _open(path)
         try:
-            self.attrs, variables = _walk(self._file)
+            self.attrs, variables = _walk(fid)
         except ReadError:
-            self._file.close()
+            fid.close()
             raise
+        self._file = h5py.File(fid)
         self.variables = {v.name: v for v in variables}
         self._datasets: dict[str, h5py.Dataset] = {}
 
@@ -196,8 +191,11 @@ class Hdf5Reader(Reader):
         return has_signature(head)
 
     def inspect(self, path: Path) -> FileInfo:
-        with _open(path) as f:
-            attrs, variables = _walk(f)
+        fid = _open(path)
+        try:
+            attrs, variables = _walk(fid)
+        finally:
+            fid.close()
         return FileInfo(format=self.format, attrs=attrs, variables=variables)
 
     def open(self, path: Path) -> Hdf5Handle:

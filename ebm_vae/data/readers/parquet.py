@@ -18,7 +18,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ebm_vae.data.readers.base import FileInfo, Reader, ReadError, TableHandle, VariableInfo, one_line
+from ebm_vae.data.readers.base import (
+    FileInfo,
+    Reader,
+    ReadError,
+    TableHandle,
+    VariableInfo,
+    one_line,
+)
 
 MAGIC = b"PAR1"
 # Arrow's own copy of the schema (base64, large); the columns already say what it says.
@@ -40,10 +47,9 @@ def column_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
         if pa.types.is_date(kind):
             column = pc.cast(column, pa.timestamp("s"))
-        unit = column.type.unit
-        seconds_per_tick = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}[unit]
+        ticks_per_second = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}[column.type.unit]
         ticks = pc.cast(column, pa.int64()).to_numpy(zero_copy_only=False)
-        out = ticks.astype(np.float64) * seconds_per_tick
+        out = ticks / ticks_per_second  # division: whole seconds stay exact
         if column.null_count:
             out[pc.is_null(column).to_numpy(zero_copy_only=False)] = np.nan
         return out

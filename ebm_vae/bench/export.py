@@ -1,0 +1,168 @@
+"""Export throughput: `python scripts/bench.py export [--json] [--quick] [--gpu]`.
+
+Grid points per second of the energy evaluation (`evaluate_energy`: grid states, z-scoring,
+the bound, chunked as an export chunks them) for k = 1 (negative ELBO) and k = 64 (IWAE),
+beside a plain forward pass (encoder, then decoder at the posterior mean) of the same
+network over the same grid points, at the batch size the energy's decoder calls run at, in
+the same run, and their ratio.
+Cases: `grid` (2-D vector state, the default MLP) and `fusion` (3 x 64 x 64 field, the conv
+net at the fusion preset's width; 3 x 16 x 16 with --quick). The k = 1 ratio shows the cost
+of the ELBO over a forward pass (one latent draw, the Gaussian log densities); at k = 64 the
+decoder runs 64 times per point, so the ratio is expected near 1/64 or above.
+
+CPU figures are single-threaded, best of `REPEATS` run in turns, per CPU-second (the
+machine may be shared) with wall-clock beside. With --gpu (and a CUDA device): the same
+per-point figures on the GPU and the time of a whole 1024 x 1024 map of the grid capsule
+with k = 64, beside a forward pass over the same million points.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from ebm_vae.data.extractors.base import StateInfo
+from ebm_vae.energy.evaluate import chunk_points_for, evaluate_energy
+from ebm_vae.energy.grid import GridStats, StateGrid
+from ebm_vae.model.vae import VAE
+
+REPEATS = 3
+KS = (1, 64)
+
+
+def _case(name: str, quick: bool) -> tuple[StateInfo, dict[str, Any]]:
+    if name == "grid":
+        return StateInfo(kind="vector", shape=(2,), names=("frequency", "phase_angle"),
+                         units=("Hz", "rad")), {}
+    side = 16 if quick else 64
+    return StateInfo.field(["Bx", "By", "Bz"], ["T"] * 3, (side, side)), {"channels": 8}
+
+
+def _model(state: StateInfo, kwargs: dict[str, Any], device: torch.device) -> tuple[VAE, StateGrid]:
+    """An untrained VAE (speed does not depend on the weights) and its default export grid."""
+    torch.manual_seed(0)
+    vae = VAE(state.to_dict(), capsule={"name": "bench"}, **kwargs)
+    rng = np.random.default_rng(0)
+    stats = GridStats(mean=rng.normal(size=state.dim), std=rng.uniform(0.5, 2.0, state.dim))
+    if state.kind == "field":
+        basis, _ = np.linalg.qr(rng.standard_normal((state.dim, 8)))
+        stats = GridStats(stats.mean, stats.std, pca_components=basis.T, pca_std=np.linspace(3.0, 1.0, 8))
+    pca = None if stats.pca_components is None else {"components": stats.pca_components, "std": stats.pca_std}
+    vae.set_normalization(SimpleNamespace(mean=stats.mean, std=stats.std, pca=pca))  # Stats-like
+    return vae.to(device).eval(), StateGrid.build(state, stats, resolution=1024)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    _sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    _sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _energy(vae: VAE, grid: StateGrid, n_points: int, k: int, chunk: int, device: torch.device) -> None:
+    evaluate_energy(vae, grid.states, n_points, k=k, seed=0, device=device, chunk_points=chunk,
+                    progress=False)
+
+
+@torch.inference_mode()
+def _forward(vae: VAE, grid: StateGrid, n_points: int, chunk: int, device: torch.device) -> None:
+    """The baseline: the same grid states and z-scoring, encoder then decoder at the mean."""
+    for start in range(0, n_points, chunk):
+        z = vae.standardize(torch.as_tensor(grid.states(start, min(n_points, start + chunk)),
+                                            dtype=torch.float32, device=device))
+        vae.decode(vae.encode(z)[0])
+
+
+def _decoder_batch(vae: VAE, grid: StateGrid, n_points: int, k: int, chunk: int, device: torch.device) -> int:
+    """The largest batch the decoder sees while the energy is evaluated (the VAE splits its
+    input to bound memory), found by a hook during a warm-up run."""
+    seen = [0]
+    hook = vae.decoder.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].shape[0]))
+    try:
+        _energy(vae, grid, n_points, k, chunk, device)
+    finally:
+        hook.remove()
+    return max(seen)
+
+
+def _compare(vae, grid, n_points, k, device, repeats=REPEATS) -> dict[str, Any]:
+    """Best points/s of energy and forward pass, run in turns, the forward pass at the batch
+    the energy's decoder calls get (k rows per point for k > 1)."""
+    chunk = min(n_points, chunk_points_for(vae, k, device))
+    batch = _decoder_batch(vae, grid, min(n_points, chunk), k, chunk, device)  # also the warm-up
+    _forward(vae, grid, min(n_points, batch), batch, device)
+    best = {"energy": [math.inf, math.inf], "forward": [math.inf, math.inf]}
+    for _ in range(repeats):
+        for key, fn in (("energy", lambda: _energy(vae, grid, n_points, k, chunk, device)),
+                        ("forward", lambda: _forward(vae, grid, n_points, batch, device))):
+            wall, cpu = _timed(fn, device)
+            best[key] = [min(best[key][0], wall), min(best[key][1], cpu)]
+    clock = 1 if device.type == "cpu" else 0  # CPU-seconds on a (shared) CPU, wall on a GPU
+    energy, forward = n_points / best["energy"][clock], n_points / best["forward"][clock]
+    return {"energy_points_per_s": energy, "forward_points_per_s": forward, "ratio": energy / forward,
+            "energy_wall_points_per_s": n_points / best["energy"][0],
+            "forward_wall_points_per_s": n_points / best["forward"][0],
+            "k": k, "chunk_points": chunk, "forward_batch": batch, "points": n_points, "device": str(device),
+            "clock": "cpu" if clock else "wall"}
+
+
+# Points per timing (a few seconds of work): (case, k, device type, quick) -> points.
+POINTS = {
+    ("grid", 1, "cpu"): (2**14, 2**12), ("grid", 64, "cpu"): (2**12, 2**10),
+    ("fusion", 1, "cpu"): (1024, 512), ("fusion", 64, "cpu"): (64, 32),
+    ("grid", 1, "cuda"): (2**18, 2**18), ("grid", 64, "cuda"): (2**16, 2**16),
+    ("fusion", 1, "cuda"): (2**14, 2**14), ("fusion", 64, "cuda"): (2**10, 2**10),
+}
+
+
+def run(args: Any) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
+    threads = torch.get_num_threads()
+    cpu = torch.device("cpu")
+    torch.set_num_threads(1)
+    try:
+        for name in ("grid", "fusion"):
+            state, kwargs = _case(name, args.quick)
+            vae, grid = _model(state, kwargs, cpu)
+            for k in KS:
+                results[f"{name}_k{k}_cpu"] = {
+                    **_compare(vae, grid, POINTS[name, k, "cpu"][args.quick], k, cpu), "threads": 1}
+    finally:
+        torch.set_num_threads(threads)
+
+    if args.gpu and torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        gpu_name = torch.cuda.get_device_name(cuda)
+        for name in ("grid", "fusion"):
+            state, kwargs = _case(name, args.quick)
+            vae, grid = _model(state, kwargs, cuda)
+            for k in KS:
+                results[f"{name}_k{k}_gpu"] = {
+                    **_compare(vae, grid, POINTS[name, k, "cuda"][args.quick], k, cuda), "gpu": gpu_name}
+        vae, grid = _model(*_case("grid", False), cuda)
+        chunk = chunk_points_for(vae, 64, cuda)
+        batch = _decoder_batch(vae, grid, chunk, 64, chunk, cuda)
+        wall, _ = _timed(lambda: _energy(vae, grid, grid.n_points, 64, chunk, cuda), cuda)
+        forward, _ = _timed(lambda: _forward(vae, grid, grid.n_points, batch, cuda), cuda)
+        results["grid_1024x1024_k64_gpu"] = {
+            "seconds": wall, "forward_seconds": forward, "ratio": wall / forward,
+            "points": grid.n_points, "chunk_points": chunk, "forward_batch": batch, "gpu": gpu_name}
+    if not args.json:
+        for key, entry in results.items():
+            figure = (f"{entry['seconds']:.2f} s" if "seconds" in entry
+                      else f"{entry['energy_points_per_s']:,.0f} points/s "
+                           f"(forward {entry['forward_points_per_s']:,.0f})")
+            print(f"export {key}: {figure}, ratio {entry['ratio']:.4f}")
+    return results

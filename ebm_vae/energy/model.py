@@ -1,0 +1,103 @@
+"""`EnergyModel`: query a trained checkpoint for the energy of full states in physical units.
+
+    model = EnergyModel.from_checkpoint("checkpoints/grid/last.ckpt")   # device None = auto
+    model.energy(states, k=64)   # (N, D) flat, in state_names order, or (N, *state_shape)
+
+The energy is -log p(x) in nats for the density in physical units (z-score Jacobian
+included), on the same scale as the exported maps; k = 1 gives the negative ELBO, k > 1 the
+importance-weighted bound, which approaches -log p(x) from above as k grows.
+
+Checkpoints are loaded with `torch.load(weights_only=True)`: a checkpoint is a file from
+somewhere, and unpickling arbitrary objects would run code. Ours hold plain containers only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ebm_vae.data.readers.base import one_line
+from ebm_vae.energy.evaluate import evaluate_energy, resolve_device
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable VAE checkpoint; the message names the file."""
+
+
+def load_vae(path: str | Path, device: str | torch.device | None = None):
+    """The `VAE` of a checkpoint, in eval mode on `device` ("cpu", "cuda", None/"auto")."""
+    from ebm_vae.model.vae import VAE
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint; train one with `ebm-vae-train capsule=NAME` "
+                                f"or pass ckpt=PATH")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated files, pickles of arbitrary objects, not torch at all
+        raise CheckpointError(f"{path}: not loadable as a checkpoint with weights_only=True: "
+                              f"{one_line(exc)}") from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "state" not in hparams or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: not an ebm-vae VAE checkpoint (no VAE hyper-parameters "
+                              f"with a 'state', or no state_dict)")
+    try:
+        vae = VAE(**hparams)
+        vae.load_state_dict(checkpoint["state_dict"])
+        vae.on_load_checkpoint(checkpoint)
+    except Exception as exc:  # other hyper-parameters or weights than this VAE's
+        raise CheckpointError(f"{path}: incompatible VAE checkpoint: {one_line(exc)}") from None
+    return vae.to(resolve_device(device)).eval()
+
+
+class EnergyModel:
+    """A trained VAE answering E(x) = -log p(x) for full physical states; see the module docstring."""
+
+    def __init__(self, vae, checkpoint: str | Path | None = None):
+        self.vae = vae
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | None = None) -> EnergyModel:
+        return cls(load_vae(path, device), path)
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.norm_mean.device
+
+    @property
+    def capsule(self) -> str:
+        return self.vae.hparams.capsule.get("name", "")
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return self.vae.state_info.names
+
+    @property
+    def state_units(self) -> tuple[str, ...]:
+        return self.vae.state_info.units
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        return tuple(self.vae.state_info.shape)
+
+    def energy(self, states: Any, k: int = 64, seed: int = 0, chunk_points: int | None = None,
+               progress: bool = False) -> np.ndarray:
+        """(N,) float64 nats for `states` (N, D) or (N, *state_shape) in physical units.
+
+        Evaluated in chunks sized to the device's memory; reproducible for a given `seed`.
+        """
+        if isinstance(states, torch.Tensor):
+            states = states.detach().cpu().numpy()
+        states = np.asarray(states, dtype=np.float64)
+        dim = self.vae.state_info.dim
+        if (states.ndim == 2 and states.shape[1] == dim) or states.shape[1:] == self.state_shape:
+            flat = states.reshape(len(states), dim)
+        else:
+            raise ValueError(f"states must have shape (N, {dim}) or (N, {', '.join(map(str, self.state_shape))})"
+                             f" for capsule '{self.capsule}', got {states.shape}")
+        return evaluate_energy(self.vae, lambda start, stop: flat[start:stop], len(flat), k=k, seed=seed,
+                               device=self.device, chunk_points=chunk_points, progress=progress)

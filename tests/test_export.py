@@ -1,0 +1,155 @@
+"""`export(cfg)` end to end on tiny trained checkpoints of the shared demo index."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ebm_vae import EnergyMap
+from ebm_vae.config import compose
+from ebm_vae.data.stats import Stats
+from ebm_vae.energy.grid import GridError
+from ebm_vae.energy.model import CheckpointError
+from ebm_vae.export import export
+from ebm_vae.train import train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small networks on a shared 2-core machine: a second intra-op thread only spins."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(demo_index, tmp_path_factory):
+    """paths.root holding checkpoints of grid (vector state) and fusion (field state), a few steps each."""
+    root = tmp_path_factory.mktemp("export")
+    for capsule in ("grid", "fusion"):
+        train(compose("train", [f"capsule={capsule}", f"data.root={demo_index['data']}", f"paths.root={root}",
+                                f"paths.index={demo_index['index']}", "debug=fast",
+                                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]))
+    return root
+
+
+def export_cfg(root, index, capsule="grid", *overrides):
+    return compose("export", [f"capsule={capsule}", f"paths.root={root}", f"paths.index={index}",
+                              "export.resolution=12", "export.k=4", "export.progress=false", *overrides])
+
+
+def test_vae_export_writes_the_contract(trained, demo_index):
+    out = export(export_cfg(trained, demo_index["index"]))
+    assert out == trained / "energy_maps" / "grid.npz"
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    with np.load(out, allow_pickle=False) as data:
+        assert sorted(data.files) == ["axis_0", "axis_1", "energy_map", "metadata"]
+        assert data["energy_map"].dtype == np.float32 and data["energy_map"].shape == (12, 12)
+        assert data["axis_0"].dtype == np.float64
+        meta = json.loads(str(data["metadata"][()]))
+    assert meta["capsule"] == "grid" and meta["method"] == "vae-iwae" and meta["k"] == 4
+    assert [(a["name"], a["unit"]) for a in meta["axes"]] == [("frequency", "Hz"), ("phase_angle", "rad")]
+    assert meta["reference_state"] == {}  # a 2-D state: nothing held off the grid
+    assert meta["checkpoint"]["path"].endswith("checkpoints/grid/last.ckpt")
+    assert {f["path"] for f in meta["source_files"]} == {"grid/grid_frequency_a.parquet",
+                                                         "grid/grid_frequency_b.csv"}
+    assert set(meta["normalization"]["mean"]) == {"frequency", "phase_angle"}
+    assert "physical units" in meta["energy_definition"] and meta["created"]
+    # default limits: mean +/- 4 std within the observed range (+10 %)
+    stats = Stats.load(demo_index["index"] / "grid" / "stats.json")
+    lo, hi = meta["axes"][0]["limits"]
+    margin = 0.1 * (stats.max[0] - stats.min[0])
+    assert stats.min[0] - margin <= lo < stats.mean[0] < hi <= stats.max[0] + margin
+    energy_map = EnergyMap.load(out)
+    assert np.all(np.isfinite(energy_map.energy_map))
+
+
+def test_export_is_reproducible_for_a_seed_and_k1_is_the_elbo(trained, demo_index, tmp_path):
+    a = EnergyMap.load(export(export_cfg(trained, demo_index["index"], "grid", f"export.out={tmp_path}/a.npz")))
+    b = EnergyMap.load(export(export_cfg(trained, demo_index["index"], "grid", f"export.out={tmp_path}/b.npz",
+                                         "export.plot=false")))
+    np.testing.assert_array_equal(a.energy_map, b.energy_map)
+    assert not (tmp_path / "b.png").exists()
+    elbo = EnergyMap.load(export(export_cfg(trained, demo_index["index"], "grid", "export.k=1",
+                                            f"export.out={tmp_path}/elbo.npz")))
+    assert elbo.metadata["method"] == "vae-elbo" and elbo.metadata["k"] == 1
+
+
+def test_field_state_maps_onto_principal_components(trained, demo_index, tmp_path):
+    out = export(export_cfg(trained, demo_index["index"], "fusion", "export.resolution=6",
+                            "+export.reference={pc3: 0.5}", f"export.out={tmp_path}/fusion.npz"))
+    m = EnergyMap.load(out)
+    assert m.axis_names == ["pc1", "pc2"] and m.axis_units == ["T", "T"]
+    assert m.metadata["reference_state"] == {"pc3": 0.5, "pc4": 0.0}  # crawl.n_components=4
+    assert set(m.metadata["normalization"]["channels"]) == {"Bx", "By", "Bz"}
+    assert len(m.metadata["normalization"]["pca_std"]) == 4
+    stats = Stats.load(demo_index["index"] / "fusion" / "stats.json")
+    np.testing.assert_allclose(m.axes[0][[0, -1]], [-4 * stats.pca["std"][0], 4 * stats.pca["std"][0]], rtol=1e-6)
+
+
+def test_histogram_export_counts_every_usable_file(trained, demo_index, tmp_path):
+    out = export(export_cfg(trained, demo_index["index"], "grid", "export.method=histogram",
+                            "export.resolution=10", f"export.out={tmp_path}/hist.npz"))
+    m = EnergyMap.load(out)
+    stats = Stats.load(demo_index["index"] / "grid" / "stats.json")
+    report = m.metadata["histogram"]
+    assert m.metadata["method"] == "histogram" and m.metadata["checkpoint"] is None
+    assert report["n_total"] == stats.count  # every finite state, as the statistics pass counts them
+    assert report["empty_bins"] == int(np.isposinf(m.energy_map).sum())
+    # the density integrates to the fraction of states inside the grid
+    volume = report["bin_volume"]
+    mass = np.exp(-m.energy_map.astype(np.float64)).sum() * volume
+    assert mass == pytest.approx(1 - report["n_outside_grid"] / report["n_total"], rel=1e-5)
+    assert len(m.metadata["source_files"]) == 2 and m.metadata["skipped_files"] == []
+
+
+def test_bad_requests_fail_naming_the_cause(trained, demo_index, tmp_path):
+    index = demo_index["index"]
+    grid_ckpt = trained / "checkpoints" / "grid" / "last.ckpt"
+    with pytest.raises(ValueError, match="checkpoint of capsule 'grid'.*capsule='wafer'"):
+        export(export_cfg(trained, index, "wafer", f"ckpt={grid_ckpt}"))
+    with pytest.raises(GridError, match="export.limits"):
+        export(export_cfg(trained, index, "grid", "export.limits=[[0,1],[0,1]]"))
+    with pytest.raises(GridError, match="export.axes"):
+        export(export_cfg(trained, index, "grid", "export.axes=[voltage]"))
+    not_vae = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, not_vae)
+    with pytest.raises(CheckpointError, match="other.ckpt"):
+        export(export_cfg(trained, index, "grid", f"ckpt={not_vae}"))
+    with pytest.raises(FileNotFoundError, match="wafer/last.ckpt"):
+        export(export_cfg(trained, index, "wafer"))
+
+
+def test_a_failed_export_leaves_the_old_map(trained, demo_index, tmp_path, monkeypatch):
+    out = tmp_path / "grid.npz"
+    export(export_cfg(trained, demo_index["index"], "grid", f"export.out={out}", "export.plot=false"))
+    before = out.read_bytes()
+
+    def killed(fh, **arrays):
+        fh.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export(export_cfg(trained, demo_index["index"], "grid", f"export.out={out}", "export.plot=false"))
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.npz"]
+
+
+def test_console_entry_point(trained, demo_index):
+    """`python -m ebm_vae.export` is the `ebm-vae-export` script's Hydra main."""
+    run = subprocess.run(
+        [sys.executable, "-m", "ebm_vae.export", "capsule=grid", f"paths.root={trained}",
+         f"paths.index={demo_index['index']}", "export.resolution=5", "export.k=2",
+         "export.progress=false", "export.device=cpu", "export.out=${paths.root}/cli/grid.npz"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (trained / "cli" / "grid.npz").is_file() and (trained / "cli" / "grid.png").is_file()

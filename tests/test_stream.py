@@ -1,0 +1,317 @@
+"""The stream: sample-level accounting over ranks x workers, equal budgets, determinism,
+bounded memory, bad files, the train/val split and the data module."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from ebm_vae.capsules import visible_capsules
+from ebm_vae.config import compose, config_dir
+from ebm_vae.crawl.crawl import crawl
+from ebm_vae.data import stream as stream_module
+from ebm_vae.data.datamodule import CapsuleDataModule, datamodule_from_config
+from ebm_vae.data.extractors import EXTRACTORS
+from ebm_vae.data.stats import Moments, Stats
+from ebm_vae.data.stream import StateStream, make_units, split_train_val, split_units
+
+# A user capsule whose first component is the row id: every sample is recognisable.
+IDS_CAPSULE = """\
+name: ids
+match: {name: ["*ids*"]}
+extractor: table
+variables: [id, value]
+units: ["", m]
+"""
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """write(sizes) -> (manifest, capsule, cfg): Parquet files of consecutive ids, crawled."""
+    root, conf = tmp_path / "data", tmp_path / "conf"
+    (conf / "capsule").mkdir(parents=True)
+    (conf / "capsule" / "ids.yaml").write_text(IDS_CAPSULE)
+
+    def write(sizes, suffix=".parquet"):
+        start = 0
+        for i, n in enumerate(sizes):
+            ids = np.arange(start, start + n, dtype=np.float64)
+            path = root / f"ids_{i:02d}{suffix}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if suffix == ".parquet":
+                pq.write_table(pa.table({"id": ids, "value": np.sin(ids)}), path, row_group_size=100)
+            else:
+                path.write_text("id,value\n" + "".join(f"{int(k)},{float(np.sin(k))!r}\n" for k in ids))
+            start += n
+        cfg = compose("crawl", [f"data.root={root}", f"paths.root={tmp_path / 'out'}",
+                                "crawl.workers=1", "crawl.progress=false", "crawl.stats=false"],
+                      extra_dirs=[conf])
+        capsule = visible_capsules([conf])["ids"]
+        return crawl(cfg), capsule, cfg
+
+    return write
+
+
+def identity_stats(capsule) -> Stats:
+    """mean 0, std 1: the stream's output is the raw ids."""
+    extractor = EXTRACTORS["table"](capsule)
+    moments = Moments(1, np.zeros(2), np.ones(2), np.zeros(2), np.ones(2), np.zeros(2, np.int64),
+                      np.zeros(2, np.int64))
+    return Stats.from_moments("ids", extractor._state(), moments)
+
+
+def make_stream(manifest, capsule, *, unit_samples=256, train=True, **kwargs):
+    stats = identity_stats(capsule)
+    extractor = EXTRACTORS["table"](capsule)
+    units = make_units(manifest.usable("ids"), extractor, stats.state_info, unit_samples, 1 << 20)
+    return StateStream(units, extractor, stats, manifest.root, train=train, **kwargs)
+
+
+def run_epoch(stream, world=2, n_workers=2):
+    """{(rank, worker): [batches of ids]} for every share of one epoch."""
+    return {(r, w): [b[:, 0].astype(np.int64) for b in stream.iter_share(r, world, w, n_workers)]
+            for r in range(world) for w in range(n_workers)}
+
+
+def test_every_id_exactly_once_over_2_ranks_x_2_workers(tree):
+    manifest, capsule, _ = tree([1024] * 4)
+    stream = make_stream(manifest, capsule, batch_size=64, shuffle_buffer=200)
+    shares = run_epoch(stream)
+    assert stream.rank_budget(world=2) == 32
+    for rank in (0, 1):
+        assert sum(len(shares[rank, w]) for w in (0, 1)) == 32
+    assert all(len(b) == 64 for batches in shares.values() for b in batches)
+    ids = np.concatenate([b for batches in shares.values() for b in batches])
+    assert sorted(ids.tolist()) == list(range(4096))
+
+
+def test_uneven_files_equal_rank_budgets_and_the_documented_remainder(tree):
+    sizes = [1000, 700, 333, 77]
+    manifest, capsule, _ = tree(sizes)
+    bs = 32
+    stream = make_stream(manifest, capsule, unit_samples=128, batch_size=bs, shuffle_buffer=100)
+    total = sum(sizes)
+    budget = total // (2 * bs)
+    assert stream.rank_budget(world=2) == budget
+    for epoch in (0, 1):
+        stream.set_epoch(epoch)
+        shares = run_epoch(stream)
+        for rank in (0, 1):
+            assert sum(len(shares[rank, w]) for w in (0, 1)) == budget
+            assert [len(shares[rank, w]) for w in (0, 1)] == [budget // 2 + (w < budget % 2) for w in (0, 1)]
+        ids = np.concatenate([b for batches in shares.values() for b in batches])
+        assert ids.min() >= 0 and ids.max() < total
+        # the bound of the remainder policy, from the shares' sample counts
+        order = np.random.default_rng([0, epoch]).permutation(len(stream.units))
+        units = [stream.units[i] for i in order]
+        bound = 0
+        for r in (0, 1):
+            for w in (0, 1):
+                held = sum(u.n_samples for u in split_units(units, r, 2, w, 2))
+                wanted = len(shares[r, w]) * bs
+                bound += held - wanted if held > wanted else bs - 1
+                in_share = np.concatenate(shares[r, w])
+                if held >= wanted:  # no repeats within a share that has enough
+                    assert len(np.unique(in_share)) == len(in_share)
+        assert total - len(np.unique(ids)) <= bound
+
+
+def test_shares_are_balanced_whatever_the_file_sizes(tree):
+    manifest, capsule, _ = tree([3000, 10, 10, 500, 1])
+    stream = make_stream(manifest, capsule, unit_samples=64, batch_size=16)
+    loads = [sum(u.n_samples for u in split_units(stream.units, r, 2, w, 2)) for r in (0, 1) for w in (0, 1)]
+    assert max(loads) - min(loads) <= 64
+    assert sum(loads) == 3521
+
+
+def test_deterministic_per_seed_and_epoch(tree):
+    manifest, capsule, _ = tree([500, 300])
+    stream = make_stream(manifest, capsule, unit_samples=64, batch_size=32, shuffle_buffer=128)
+
+    def epoch_ids(s, epoch):
+        s.set_epoch(epoch)
+        return np.concatenate(list(s.iter_share(1, 2, 0, 2)))
+
+    first = epoch_ids(stream, 3)
+    np.testing.assert_array_equal(first, epoch_ids(stream, 3))
+    assert not np.array_equal(first, epoch_ids(stream, 4))
+    other_seed = make_stream(manifest, capsule, unit_samples=64, batch_size=32, shuffle_buffer=128, seed=1)
+    assert not np.array_equal(first, epoch_ids(other_seed, 3))
+
+
+def test_validation_stream_reads_every_sample_once_in_order(tree):
+    manifest, capsule, _ = tree([250, 130])
+    stream = make_stream(manifest, capsule, unit_samples=64, batch_size=50, train=False)
+    shares = run_epoch(stream)
+    for batches in shares.values():
+        assert all(len(b) == 50 for b in batches[:-1]) and all(0 < len(b) <= 50 for b in batches)
+    ids = np.concatenate([b for batches in shares.values() for b in batches])
+    assert sorted(ids.tolist()) == list(range(380))
+    with pytest.raises(TypeError):
+        len(stream)
+
+
+def test_memory_bounded_on_a_file_much_larger_than_the_buffer(tree, monkeypatch):
+    manifest, capsule, _ = tree([20_000])
+    seen = {"max_size": 0, "max_chunk": 0, "buffers": []}
+
+    class WatchedBuffer(stream_module.ShuffleBuffer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["buffers"].append((self, self.data))
+
+        def push(self, states):
+            seen["max_chunk"] = max(seen["max_chunk"], len(states))
+            yield from super().push(states)
+
+        def _draw(self, n_batches):  # the buffer is at its fullest when it draws
+            seen["max_size"] = max(seen["max_size"], self.size)
+            yield from super()._draw(n_batches)
+
+    monkeypatch.setattr(stream_module, "ShuffleBuffer", WatchedBuffer)
+    stream = make_stream(manifest, capsule, unit_samples=20_000, batch_size=64, shuffle_buffer=256,
+                         chunk_bytes=100 * 8)
+    batches = list(stream.iter_share(0, 1, 0, 1))
+    assert len(batches) == 20_000 // 64
+    ((buffer, data),) = seen["buffers"]
+    assert buffer.data is data and data.shape == (256, 2)  # allocated once: 256 states, never grown
+    assert seen["max_size"] == 256 and seen["max_chunk"] <= 100
+    ids = np.concatenate(batches)[:, 0]
+    assert len(np.unique(ids)) == len(ids)
+    # shuffled beyond the buffer's reach would be impossible; within it, the order is mixed
+    assert np.abs(np.diff(ids)).mean() > 10
+
+
+def test_field_buffer_is_capped_in_bytes(tree):
+    manifest, capsule, _ = tree([100])
+    stream = make_stream(manifest, capsule, batch_size=8, shuffle_buffer=10_000, shuffle_buffer_bytes=80 * 8)
+    assert stream.shuffle_buffer == 80
+
+
+def test_bad_files_are_skipped_with_a_reason(tree, caplog):
+    manifest, capsule, _ = tree([200, 200, 200, 200], suffix=".parquet")
+    root = manifest.root
+    (root / "ids_00.parquet").unlink()
+    with open(root / "ids_01.parquet", "ab") as fh:
+        fh.write(b"appended")
+    garbage = root / "ids_02.parquet"
+    stat = garbage.stat()
+    garbage.write_bytes(b"\0" * stat.st_size)
+    os.utime(garbage, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    stream = make_stream(manifest, capsule, unit_samples=100, batch_size=20)
+    with caplog.at_level(logging.WARNING):
+        batches = list(stream.iter_share(0, 1, 0, 1))
+    assert len(batches) == 800 // 20  # the budget holds: the good file is read again
+    assert set(np.concatenate(batches)[:, 0].astype(int)) == set(range(600, 800))
+    assert set(stream.skipped) == {"ids_00.parquet", "ids_01.parquet", "ids_02.parquet"}
+    assert "No such file" in stream.skipped["ids_00.parquet"]
+    assert "changed since the crawl" in stream.skipped["ids_01.parquet"]
+    for name in stream.skipped:
+        assert sum(f"skipping {name}:" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_non_finite_samples_are_dropped_and_counted(tree, tmp_path):
+    ids = np.arange(10, dtype=np.float64)
+    value = np.where(ids % 3 == 0, np.nan, ids)
+    value[4] = np.inf
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"id": ids, "value": value}), tmp_path / "data" / "ids_00.parquet")
+    manifest, capsule, _ = tree([])
+    stream = make_stream(manifest, capsule, batch_size=100, train=False)
+    (batch,) = list(stream.iter_share(0, 1, 0, 1))
+    assert sorted(batch[:, 0].astype(int).tolist()) == [1, 2, 5, 7, 8]
+    assert stream.dropped == 5
+
+
+def test_csv_units_split_bytes_and_cover_every_row(tree):
+    manifest, capsule, _ = tree([300, 200], suffix=".csv")
+    stats = identity_stats(capsule)
+    extractor = EXTRACTORS["table"](capsule)
+    units = make_units(manifest.usable("ids"), extractor, stats.state_info, 10**6, 700)
+    assert len(units) > 4 and sum(u.n_samples for u in units) == 500
+    stream = StateStream(units, extractor, stats, manifest.root, batch_size=64, train=False)
+    ids = np.concatenate(list(stream.iter_share(0, 1, 0, 1)))[:, 0]
+    assert sorted(ids.astype(int).tolist()) == list(range(500))
+
+
+def test_split_is_stable_when_files_are_added(tree):
+    manifest, capsule, _ = tree([640] * 10)
+    stats = identity_stats(capsule)
+    extractor = EXTRACTORS["table"](capsule)
+    units = make_units(manifest.usable("ids"), extractor, stats.state_info, 64, 1 << 20)
+    train, val = split_train_val(units, 0.2)
+    assert 0.05 < len(val) / len(units) < 0.4 and not set(train) & set(val)
+    more = make_units(manifest.usable("ids")[:5], extractor, stats.state_info, 64, 1 << 20)
+    train_few, val_few = split_train_val(more, 0.2)
+    assert set(val_few) <= set(val) and set(train_few) <= set(train)
+    single = make_units(manifest.usable("ids")[:1], extractor, stats.state_info, 10**6, 1 << 20)
+    train_one, val_one = split_train_val(single, 0.1)  # one unit: cut so both sides exist
+    assert [(u.start, u.stop) for u in val_one + train_one] == [(0, 64), (64, 640)]
+
+
+def test_datamodule_loaders_with_two_worker_processes(tree):
+    manifest, capsule, cfg = tree([512] * 4)
+    with open_dict(cfg):
+        cfg.data.update(batch_size=64, num_workers=2, unit_samples=128, val_fraction=0.25,
+                        shuffle_buffer=128)
+    dm = CapsuleDataModule(cfg.data, capsule, manifest, identity_stats(capsule))
+    assert dm.state.shape == (2,) and dm.stats.count == 1
+    loader = dm.train_dataloader()
+    epochs = iter([0, 1])
+    loader.epoch_source = lambda: next(epochs)
+    n_train = sum(u.n_samples for u in dm.train_units)
+    assert len(loader) == n_train // 64
+    seen = []
+    for _ in range(2):
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        assert all(b.dtype == torch.float32 and b.shape == (64, 2) for b in batches)
+        seen.append(torch.cat(batches)[:, 0].long())
+    assert not torch.equal(seen[0], seen[1])  # the workers saw the new epoch
+    # the same epoch in this process, worker by worker, gives the same ids
+    stream = dm.stream(train=True)
+    stream.set_epoch(1)
+    expected = np.concatenate([np.concatenate(list(stream.iter_share(0, 1, w, 2))) for w in (0, 1)])
+    assert sorted(seen[1].tolist()) == sorted(expected[:, 0].astype(int).tolist())
+
+    def ids_of(units):
+        return {512 * int(u.path[4:6]) + i for u in units for i in range(u.start, u.stop)}
+
+    val = torch.cat(list(dm.val_dataloader()))[:, 0].long().tolist()
+    assert sorted(val) == sorted(ids_of(dm.val_units)) and not ids_of(dm.val_units) & ids_of(dm.train_units)
+
+
+def test_datamodule_from_config_crawls_and_runs_the_stats_pass(tmp_path):
+    from ebm_vae import demo
+
+    root = tmp_path / "data"
+    demo.write_grid_parquet(root / "grid_a.parquet", n_rows=3000, buses=2)
+    cfg = compose("crawl", [f"data.root={root}", f"paths.root={tmp_path / 'out'}", "crawl.workers=1",
+                            "crawl.progress=false", "crawl.stats=false", "data.batch_size=128"])
+    with open_dict(cfg):
+        cfg.capsule = OmegaConf.load(config_dir() / "capsule" / "grid.yaml")
+    dm = datamodule_from_config(cfg)
+    assert (tmp_path / "out" / "index" / "grid" / "stats.json").is_file()
+    assert dm.state.names == ("frequency", "phase_angle") and dm.stats.count == 6000
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.shape == (128, 2)
+    assert abs(float(batch[:, 0].mean())) < 1.0  # z-scored
+
+
+@pytest.mark.parametrize("n, dim", [(1000, 2), (777, 3), (5, 2000), (1, 1)])
+def test_zscore_equals_broadcasting(n, dim):
+    rng = np.random.default_rng(dim)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    mean, std = rng.normal(size=dim), rng.uniform(0.5, 2, size=dim)
+    expected = (x - mean.astype(np.float32)) * (1 / std).astype(np.float32)
+    zscore = stream_module.ZScore(mean, std)
+    np.testing.assert_allclose(zscore(x), expected, rtol=1e-6)
+    zscore(x, out=x)
+    np.testing.assert_allclose(x, expected, rtol=1e-6)
