@@ -5,11 +5,12 @@ the z-scored state z = (x - mean) / std; adding the Jacobian sum(log std) turns 
 -log p(x) for the density in the physical units of x, so energies of runs with different
 statistics (or a histogram) share one absolute scale.
 
-Chunks are sized to the device's memory: the activations of one sample are measured once
-(forward hooks on a one-sample pass), and a chunk takes what fits in half the free GPU
-memory (`torch.cuda.mem_get_info`) or in a fixed CPU budget. Chunk sizes are powers of two
-and the noise comes from one `torch.Generator` seeded with `seed`, so a run is reproducible
-for a given seed, device and chunk size (`export.chunk_points` pins the latter).
+Chunks are sized to the device's memory: the activations of one state's bound (k draws)
+are measured once (forward hooks on a one-state pass), and a chunk takes what fits in half
+the free GPU memory (`torch.cuda.mem_get_info`) or in a fixed CPU budget. Chunk sizes are
+powers of two and the noise comes from one `torch.Generator` seeded with `seed`, so a run is
+reproducible for a given seed, device and chunk size; free GPU memory can change the chunk
+size between runs, so `export.chunk_points` pins it where bitwise reproducibility matters.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def evaluate_energy(vae, states: Callable[[int, int], np.ndarray], n_points: int
             z = vae.standardize(torch.as_tensor(states(start, stop), dtype=torch.float32))
             try:
                 bound = vae.log_prob_bound(z, k=k, generator=generator)
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 if chunk == 1:
                     raise
                 chunk //= 2
