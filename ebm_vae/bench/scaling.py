@@ -1,0 +1,223 @@
+"""How one streaming epoch grows with the data: `python scripts/bench.py scaling [--json] [--quick]`.
+
+For the grid capsule (Parquet) and the fusion capsule (HDF5, the Well layout), trees of 1x, 3x
+and 10x the files (and so the bytes) are crawled (index + statistics pass), then one training
+epoch of the capsule's real `CapsuleDataModule` loader (read, extract, z-score, shuffle
+buffer, whole batches; `data.num_workers=0`, so one worker) runs in a fresh subprocess, which
+reports its own peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`, plus `RUSAGE_CHILDREN` for any
+worker processes). Each entry sits beside the 1x run as the baseline, with ratios:
+streaming memory is flat when `peak_rss_ratio` stays near 1 while `samples_ratio` reaches 10,
+and time is linear when `seconds_per_sample_ratio` stays near 1.
+
+The memory a stream holds is bounded by its shuffle buffer (`data.shuffle_buffer` states, at
+most `data.shuffle_buffer_bytes`) and one read chunk, never by the data: the 1x trees are sized
+so the buffer is already full at 1x (for fusion's 12 KB states the byte cap is lowered to
+`FUSION_BUFFER_BYTES` to make that so at a few minutes' size). Files of one tree are
+`VARIANTS` distinct demo files repeated under distinct names (hard links where the file system
+allows), which keeps generation to seconds; every file is crawled and streamed as its own.
+
+Seconds are wall-clock; `cpu_seconds` (the subprocess's CPU time) is the figure to read when
+other processes share the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ebm_vae import demo
+
+SCALES = (1, 3, 10)
+VARIANTS = 4  # distinct files written per capsule; the rest of a tree repeats them
+FUSION_BUFFER_BYTES = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """The files of one capsule's 1x tree: `files_1x` files written by `write(path, seed)`."""
+
+    capsule: str
+    name: str  # file name pattern with one {} for the index; matches the capsule's rules
+    files_1x: int
+    write: Any
+    overrides: tuple[str, ...] = ()
+
+
+def tree_specs(quick: bool) -> list[TreeSpec]:
+    rows = 100_000 if quick else 250_000
+    snapshots = 32 if quick else 64
+    return [
+        TreeSpec("grid", "grid_frequency_{:04d}.parquet", 4,
+                 lambda path, seed: demo.write_grid_parquet(path, n_rows=rows, seed=seed)),
+        TreeSpec("fusion", "MHD_32_run{:04d}.h5", 4,
+                 lambda path, seed: demo.write_fusion_well(path, n_traj=2, n_time=snapshots, n=32,
+                                                           nz=4, seed=seed),
+                 (f"data.shuffle_buffer_bytes={FUSION_BUFFER_BYTES}",)),
+    ]
+
+
+def write_trees(spec: TreeSpec, work: Path, scales: tuple[int, ...]) -> dict[int, Path]:
+    """One root per scale holding scale x `files_1x` files; returns {scale: root}."""
+    sources = work / f"{spec.capsule}_variants"
+    variants = [spec.write(sources / spec.name.format(i), i) for i in range(VARIANTS)]
+    roots = {}
+    for scale in scales:
+        root = work / f"{spec.capsule}_{scale}x"
+        root.mkdir(parents=True, exist_ok=True)
+        for i in range(scale * spec.files_1x):
+            target = root / spec.name.format(i)
+            if not target.exists():
+                link_or_copy(variants[i % VARIANTS], target)
+        roots[scale] = root
+    return roots
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.iterdir() if p.is_file())
+
+
+def train_overrides(capsule: str, root: Path, out: Path, extra: tuple[str, ...]) -> list[str]:
+    return [f"capsule={capsule}", f"data.root={root}", f"paths.root={out}", "crawl.progress=false",
+            "data.num_workers=0", *extra]
+
+
+def crawl_tree(overrides: list[str]) -> float:
+    """Index and statistics pass of one tree; returns its wall seconds."""
+    from ebm_vae.config import compose
+    from ebm_vae.crawl.crawl import crawl
+
+    cfg = compose("train", overrides)
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(None):
+        crawl(cfg)
+    return time.perf_counter() - start
+
+
+def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    """Peak resident set size in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(who).ru_maxrss / 1024.0
+
+
+def one_epoch(overrides: list[str]) -> dict[str, Any]:
+    """One training epoch of the capsule's data module, in this process (the subprocess side)."""
+    from ebm_vae.config import compose
+    from ebm_vae.data.datamodule import datamodule_from_config
+
+    logging.getLogger("ebm_vae").setLevel(logging.WARNING)
+    data = datamodule_from_config(compose("train", overrides))
+    loader = data.train_dataloader()
+    rss_before = peak_rss_mb()
+    wall, cpu = time.perf_counter(), time.process_time()
+    samples = 0
+    for batch in loader:
+        samples += len(batch)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"samples": samples, "seconds": wall, "cpu_seconds": cpu,
+            "peak_rss_mb": peak_rss_mb(), "rss_before_epoch_mb": rss_before,
+            "workers_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN),
+            "state_dim": data.state.dim, "batch_size": loader.dataset.batch_size}
+
+
+def epoch_in_subprocess(overrides: list[str]) -> dict[str, Any]:
+    """`one_epoch` in a fresh interpreter, so its peak RSS is the epoch's alone."""
+    command = [sys.executable, "-m", "ebm_vae.bench.scaling", "--epoch", *overrides]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"epoch subprocess failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(spec: TreeSpec, work: Path, scales: tuple[int, ...]) -> dict[str, dict[str, Any]]:
+    roots = write_trees(spec, work, scales)
+    entries = {}
+    for scale, root in roots.items():
+        overrides = train_overrides(spec.capsule, root, work / f"{spec.capsule}_{scale}x_out",
+                                    spec.overrides)
+        crawl_s = crawl_tree(overrides)
+        epoch = epoch_in_subprocess(overrides)
+        files = sum(1 for p in root.iterdir() if p.is_file())
+        entry = {"scale": scale, "files": files, "bytes": tree_bytes(root), **epoch,
+                 "samples_per_s": epoch["samples"] / epoch["seconds"],
+                 "cpu_samples_per_s": epoch["samples"] / epoch["cpu_seconds"],
+                 "crawl_s": crawl_s, "overrides": list(spec.overrides)}
+        entries[f"{spec.capsule}_{scale}x"] = entry
+        print(f"scaling {spec.capsule} {scale}x: {files} files, {entry['bytes'] / 1e6:.0f} MB, "
+              f"{epoch['samples']} samples in {epoch['seconds']:.1f} s "
+              f"({epoch['cpu_seconds']:.1f} CPU s), peak RSS {epoch['peak_rss_mb']:.0f} MiB",
+              file=sys.stderr, flush=True)
+    add_ratios(entries, f"{spec.capsule}_{scales[0]}x")
+    return entries
+
+
+def add_ratios(entries: dict[str, dict[str, Any]], baseline_key: str) -> None:
+    """Each entry's figures over the baseline's (the smallest tree), in place."""
+    base = entries[baseline_key]
+    for entry in entries.values():
+        entry["baseline"] = baseline_key
+        entry["files_ratio"] = entry["files"] / base["files"]
+        entry["bytes_ratio"] = entry["bytes"] / base["bytes"]
+        entry["samples_ratio"] = entry["samples"] / base["samples"]
+        entry["seconds_ratio"] = entry["seconds"] / base["seconds"]
+        entry["cpu_seconds_ratio"] = entry["cpu_seconds"] / base["cpu_seconds"]
+        entry["seconds_per_sample_ratio"] = entry["seconds_ratio"] / entry["samples_ratio"]
+        entry["cpu_seconds_per_sample_ratio"] = entry["cpu_seconds_ratio"] / entry["samples_ratio"]
+        entry["peak_rss_ratio"] = entry["peak_rss_mb"] / base["peak_rss_mb"]
+        entry["ratio"] = entry["peak_rss_ratio"]  # the figure the bench is about: flat memory
+
+
+def markdown_table(entries: dict[str, dict[str, Any]]) -> str:
+    rows = ["| tree | files | MB | samples | seconds (CPU s) | samples/s | peak RSS MiB "
+            "| samples x | time/sample x | CPU time/sample x | peak RSS x |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, e in entries.items():
+        rows.append(f"| {key} | {e['files']} | {e['bytes'] / 1e6:.0f} | {e['samples']:,} "
+                    f"| {e['seconds']:.1f} ({e['cpu_seconds']:.1f}) | {e['samples_per_s']:,.0f} "
+                    f"| {e['peak_rss_mb']:.0f} | {e['samples_ratio']:.1f} "
+                    f"| {e['seconds_per_sample_ratio']:.2f} | {e['cpu_seconds_per_sample_ratio']:.2f} "
+                    f"| {e['peak_rss_ratio']:.3f} |")
+    return "\n".join(rows)
+
+
+def run(args: Any) -> dict[str, dict[str, Any]]:
+    logging.getLogger("ebm_vae").setLevel(logging.WARNING)
+    results: dict[str, dict[str, Any]] = {}
+    with contextlib.ExitStack() as stack:
+        work = (Path(args.workdir) / "scaling" if args.workdir
+                else Path(stack.enter_context(tempfile.TemporaryDirectory())))
+        for spec in tree_specs(args.quick):
+            results.update(measure(spec, work, SCALES))
+    print(markdown_table(results), file=sys.stderr if args.json else sys.stdout)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The subprocess side: `python -m ebm_vae.bench.scaling --epoch OVERRIDE...` prints one JSON line."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epoch", action="store_true", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    print(json.dumps(one_epoch(args.overrides)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
