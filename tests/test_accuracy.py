@@ -170,6 +170,18 @@ def test_physical_units_jacobian_shifts_energy_by_log_scale(double_well_2d, tmp_
     np.testing.assert_allclose(energies[1] - energies[0], 2 * math.log(1000.0), atol=1e-3)
 
 
+@pytest.mark.gpu
+def test_gpu_energies_agree_with_cpu(double_well_2d):
+    """Other device, other random stream: the IWAE estimates agree to Monte Carlo noise."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _, samples, _, ckpt = double_well_2d
+    cpu = EnergyModel.from_checkpoint(ckpt, device="cpu").energy(samples[:2000], k=64)
+    gpu = EnergyModel.from_checkpoint(ckpt, device="cuda").energy(samples[:2000], k=64)
+    assert gpu.dtype == np.float64 and np.all(np.isfinite(gpu))
+    assert np.mean(np.abs(gpu - cpu)) < 0.1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["boltzmann", "mixture"])
 def test_vae_and_histogram_maps_match_3d_densities(name, tmp_path, tmp_path_factory):

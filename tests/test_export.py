@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ebm_vae import EnergyMap
+from ebm_vae import EnergyMap, EnergyModel
 from ebm_vae.config import compose
 from ebm_vae.data.stats import Stats
 from ebm_vae.energy.grid import GridError
@@ -92,6 +92,28 @@ def test_field_state_maps_onto_principal_components(trained, demo_index, tmp_pat
     assert len(m.metadata["normalization"]["pca_std"]) == 4
     stats = Stats.load(demo_index["index"] / "fusion" / "stats.json")
     np.testing.assert_allclose(m.axes[0][[0, -1]], [-4 * stats.pca["std"][0], 4 * stats.pca["std"][0]], rtol=1e-6)
+
+
+def test_one_axis_map_holds_the_other_component_at_the_mean(trained, demo_index, tmp_path):
+    out = export(export_cfg(trained, demo_index["index"], "grid", "export.axes=[frequency]",
+                            f"export.out={tmp_path}/f.npz"))
+    m = EnergyMap.load(out)
+    stats = Stats.load(demo_index["index"] / "grid" / "stats.json")
+    assert m.energy_map.shape == (12,) and m.axis_names == ["frequency"]
+    assert m.metadata["reference_state"] == {"phase_angle": pytest.approx(stats.mean[1], rel=1e-6)}
+    assert (tmp_path / "f.png").is_file()
+
+
+def test_energy_model_takes_flat_or_shaped_field_states(trained):
+    model = EnergyModel.from_checkpoint(trained / "checkpoints" / "fusion" / "last.ckpt", device="cpu")
+    assert model.state_shape == (3, 16, 16) and model.state_names[1] == "Bx[0,1]"
+    assert model.state_units[0] == "T" and model.capsule == "fusion"
+    states = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)).double() * 0.1
+    shaped = model.energy(states, k=2)
+    np.testing.assert_array_equal(shaped, model.energy(states.reshape(2, -1).numpy(), k=2))
+    assert shaped.shape == (2,) and np.all(np.isfinite(shaped))
+    with pytest.raises(ValueError, match="states must have shape"):
+        model.energy(np.zeros((2, 5)))
 
 
 def test_histogram_export_counts_every_usable_file(trained, demo_index, tmp_path):

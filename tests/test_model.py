@@ -110,6 +110,18 @@ def test_bounds_stay_finite_on_outliers():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_bf16_autocast_leaves_the_bound_in_float32():
+    """The layers may run in bf16; the output heads and the bound stay float32."""
+    torch.manual_seed(0)
+    model = VAE(StateInfo.field(["Bx", "By"], ["T", "T"], (16, 16)).to_dict(), channels=4)
+    x = torch.randn(8, 2, 16, 16)
+    exact = model.log_prob_bound(x, k=4, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.log_prob_bound(x, k=4, generator=torch.Generator().manual_seed(0))
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact, rtol=1e-3, atol=0.0)
+
+
 @pytest.mark.parametrize("shape", [(3, 64, 64), (1, 17, 9), (2, 1, 30), (1, 4, 4)])
 def test_conv_networks_reproduce_any_field_shape(shape):
     encoder, decoder = build_networks("conv", shape, latent_dim=5, hidden=8, n_layers=1, channels=4)

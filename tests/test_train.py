@@ -115,6 +115,13 @@ def test_resume_after_an_interrupted_run_continues_steps_and_curves(train_cfg, t
     assert min(first["train/loss"]) == 0
     assert n <= min(second["train/loss"]) and max(second["train/loss"]) == 2 * n - 1
 
+    cfg.trainer.max_steps = 3 * n  # a finished run extends the same way
+    train(cfg)
+    assert torch.load(last, weights_only=True)["global_step"] == 3 * n
+    third = list(tensorboard_tags(tb / "grid").values())[-1]
+    assert 2 * n <= min(third["train/loss"]) and max(third["train/loss"]) == 3 * n - 1
+    assert min(third["val/iwae"]) >= 2 * n
+
 
 def test_resume_from_last_without_a_checkpoint_starts_fresh(train_cfg, tmp_path):
     metrics = train(train_cfg(tmp_path, "grid", "ckpt_path=last", "trainer.max_steps=1"))
@@ -127,6 +134,21 @@ def test_bad_keys_fail_at_start_naming_them(train_cfg, tmp_path):
     with pytest.raises(Exception, match="latnt_dim"):
         train(train_cfg(tmp_path, "grid", "+model.latnt_dim=3"))
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("capsule", ["fusion", "grid"])
+def test_gpu_run_in_bf16(train_cfg, tmp_path, capsule):
+    metrics = train(train_cfg(tmp_path, capsule, "trainer=gpu", "trainer.max_steps=3"))
+    assert all(math.isfinite(metrics[k]) for k in VAL_METRICS)
+    model = VAE.load_from_checkpoint(tmp_path / "checkpoints" / capsule / "last.ckpt",
+                                     map_location="cuda", weights_only=True)
+    x = torch.randn(64, *model.state_info.shape, device="cuda")
+    exact = model.log_prob_bound(x, k=4, generator=torch.Generator("cuda").manual_seed(0))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        mixed = model.log_prob_bound(x, k=4, generator=torch.Generator("cuda").manual_seed(0))
+    torch.testing.assert_close(mixed, exact, rtol=1e-2, atol=0.05)
 
 
 def run_cli(args: list[str], tmp_path: Path, extra_path: Path | None = None) -> None:

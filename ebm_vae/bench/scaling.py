@@ -13,8 +13,9 @@ The memory a stream holds is bounded by its shuffle buffer (`data.shuffle_buffer
 most `data.shuffle_buffer_bytes`) and one read chunk, never by the data: the 1x trees are sized
 so the buffer is already full at 1x (for fusion's 12 KB states the byte cap is lowered to
 `FUSION_BUFFER_BYTES` to make that so at a few minutes' size). Files of one tree are
-`VARIANTS` distinct demo files repeated under distinct names (hard links where the file system
-allows), which keeps generation to seconds; every file is crawled and streamed as its own.
+`VARIANTS` distinct demo files copied under distinct names (copies, not hard links: the crawl
+rightly indexes a hard-linked file once), which keeps generation to seconds; every file is
+crawled and streamed as its own.
 
 Seconds are wall-clock; `cpu_seconds` (the subprocess's CPU time) is the figure to read when
 other processes share the machine.
@@ -26,7 +27,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import resource
 import shutil
 import subprocess
@@ -79,16 +79,9 @@ def write_trees(spec: TreeSpec, work: Path, scales: tuple[int, ...]) -> dict[int
         for i in range(scale * spec.files_1x):
             target = root / spec.name.format(i)
             if not target.exists():
-                link_or_copy(variants[i % VARIANTS], target)
+                shutil.copyfile(variants[i % VARIANTS], target)
         roots[scale] = root
     return roots
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
 
 
 def tree_bytes(root: Path) -> int:

@@ -406,7 +406,7 @@ def plot(cases: dict[str, dict[str, Any]], path: Path) -> Path:
                    xlabel="dimension D", ylabel="mean absolute error (nats)")
         row[1].set(title=f"{name}: held-out states in empty bins", xlabel="dimension D",
                    ylabel="% of states without a finite energy")
-        row[2].set(title=f"{name}: memory", xlabel="dimension D", ylabel="bytes (dense count grid)")
+        row[2].set(title=f"{name}: memory", xlabel="dimension D", ylabel="bytes (histogram: dense count grid)")
         for ax in row:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)

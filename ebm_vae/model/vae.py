@@ -57,7 +57,8 @@ class VAE(L.LightningModule):
                  min_logvar: float = math.log(1e-4), max_logvar: float = 10.0):
         super().__init__()
         # Plain containers in the hyper-parameters, whatever the caller passed (weights_only).
-        state, capsule, stats_meta = to_container(state), to_container(capsule or {}), to_container(stats_meta or {})
+        state = to_container(state)
+        capsule, stats_meta = to_container(capsule or {}), to_container(stats_meta or {})
         info = StateInfo.from_dict(state)
         if arch == "auto":
             arch = "conv" if info.kind == "field" else "mlp"
@@ -84,8 +85,10 @@ class VAE(L.LightningModule):
         self.norm_std = std.to(self.norm_std.device)
         pca = getattr(stats, "pca", None)
         if pca:
-            self.pca_components = torch.as_tensor(np.asarray(pca["components"], dtype=np.float32)).reshape(-1, dim)
-            self.pca_std = torch.as_tensor(np.asarray(pca["std"], dtype=np.float32)).reshape(-1)
+            components = np.asarray(pca["components"], dtype=np.float32).reshape(-1, dim)
+            self.pca_components = torch.as_tensor(components, device=self.norm_mean.device)
+            self.pca_std = torch.as_tensor(np.asarray(pca["std"], dtype=np.float32).reshape(-1),
+                                           device=self.norm_mean.device)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
