@@ -20,6 +20,17 @@ class CapsuleError(ValueError):
     """A capsule definition that cannot be used; the message names the file and the key."""
 
 
+def _target_key(value: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first `_target_` at any depth of a mapping (or list), else None."""
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if key == "_target_":
+            return f"{prefix}{key}"
+        if (found := _target_key(item, f"{prefix}{key}.")) is not None:
+            return found
+    return None
+
+
 def parse_capsule(data: Mapping[str, Any] | Any, source: str = "<config>") -> CapsuleConfig:
     """Validate one capsule definition (a mapping or a DictConfig) into a plain `CapsuleConfig`."""
     if OmegaConf.is_config(data):
@@ -27,6 +38,9 @@ def parse_capsule(data: Mapping[str, Any] | Any, source: str = "<config>") -> Ca
     if not isinstance(data, Mapping):
         raise CapsuleError(f"{source}: a capsule must be a mapping, got {type(data).__name__}")
     data = {k: v for k, v in data.items() if k != "defaults"}
+    if (nested := _target_key(data)) is not None:  # params reach hydra's instantiate as kwargs
+        raise CapsuleError(f"{source}: invalid capsule key '{nested}': a capsule is data; "
+                           "'_target_' (code to instantiate) is not allowed in it")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(CapsuleConfig), data)
         capsule = OmegaConf.to_object(merged)

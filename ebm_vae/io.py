@@ -18,7 +18,8 @@ from typing import Any
 def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success fsync it and rename it over `target`.
 
-    On any exception the temporary file is removed and `target` is left untouched.
+    On any exception the temporary file is removed and `target` is left untouched; an OSError
+    (a full disk, a lost mount) is raised again naming `target`, which the library's message lacks.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -33,6 +34,10 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        message = f"cannot write {target}: {exc.strerror or exc}"
+        raise (OSError(exc.errno, message) if exc.errno else OSError(message)) from exc
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

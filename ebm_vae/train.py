@@ -98,7 +98,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
              trainer.num_nodes, trainer.num_devices, trainer.precision, trainer.max_steps)
 
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, Path(cfg.paths.checkpoints) / capsule.name)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only: a checkpoint is a file from somewhere; torch < 2.6 would unpickle anything in it
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("%s: %s", capsule.name, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
     return metrics

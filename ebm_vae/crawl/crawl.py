@@ -125,6 +125,8 @@ def identify(root: str, found: FoundFile, rules: list[_Rules]) -> ManifestEntry:
     if len(matches) > 1:
         names = [c.name for c, _ in matches]
         entry.error = f"ambiguous: matches {', '.join(names[:-1])} and {names[-1]}"
+    elif entry.format is None and read_error is not None:  # not even its first bytes could be read
+        entry.error = read_error
     elif entry.format not in formats and found.size > 0:
         entry.error = (f"format not supported: {entry.format or 'unrecognised'} "
                        f"({capsule.name} reads {', '.join(formats)})")
@@ -134,6 +136,8 @@ def identify(root: str, found: FoundFile, rules: list[_Rules]) -> ManifestEntry:
         try:
             plan = EXTRACTORS[capsule.extractor](capsule).plan(info)
             entry.n_samples, entry.extent = int(plan.n_samples), int(plan.extent)
+            if entry.n_samples == 0:  # a header only, an empty record dimension: nothing to learn
+                entry.error = "no samples"
         except ExtractError as exc:
             entry.error = str(exc)
         except Exception as exc:  # an extractor bug must not stop the crawl either

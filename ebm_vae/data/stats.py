@@ -259,12 +259,13 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
     extractor = EXTRACTORS[capsule.extractor](capsule)
     entries = manifest.usable(capsule.name)
     if not entries:
-        raise ValueError(f"capsule '{capsule.name}' has no usable files in the manifest")
+        raise ValueError(f"capsule '{capsule.name}' has no usable files under data.root={manifest.root} "
+                         f"(see the error column of {Path(index_dir) / 'manifest.parquet'})")
     plans = [entry_plan(extractor, e) for e in entries]
     state = Counter(p.state for p in plans).most_common(1)[0][0]
     chunk = chunk_samples(state, cfg.data.chunk_bytes)
     reservoir = Reservoir(cfg.crawl.stats_reservoir, state.dim, seed=0) if state.kind == "field" else None
-    total, files = Moments.empty(state.dim), []
+    total, files, skipped = Moments.empty(state.dim), [], []
     root = Path(manifest.root)
     with _progress(cfg.crawl.progress) as progress:
         task = progress.add_task(capsule.name, total=sum(p.n_samples for p in plans if p.state == state))
@@ -272,6 +273,7 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
             if plan.state != state:
                 log.warning("skipping %s: state shape %s differs from the capsule's %s",
                             entry.path, plan.state.shape, state.shape)
+                skipped.append(entry.path)
                 continue
             unit = WorkUnit.whole(entry, plan)
             part = Moments.empty(state.dim)
@@ -283,9 +285,13 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
                     progress.advance(task, len(states))
             except Exception as exc:  # a bad file never stops the pass; its partial moments are dropped
                 log.warning("skipping %s: %s", entry.path, one_line(exc))
+                skipped.append(entry.path)
                 continue
             total = total.merge(part)
             files.append({"path": entry.path, "size": entry.size, "mtime_ns": entry.mtime_ns})
+    if skipped:
+        log.warning("statistics of %s: %d of %d usable files skipped (reasons above), %d counted",
+                    capsule.name, len(skipped), len(entries), len(files))
     if total.count == 0:
         raise ValueError(f"capsule '{capsule.name}': no finite samples in {len(entries)} usable files")
     pca = principal_basis(reservoir.sample, total.mean, cfg.crawl.n_components) if reservoir else None

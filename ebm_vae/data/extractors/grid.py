@@ -34,13 +34,20 @@ from ebm_vae.data.readers.base import FileInfo, TableHandle, VariableInfo
 
 _BUS_COLUMN = re.compile(r"^frequency_(\w+)$")
 TWO_PI = 2.0 * np.pi
+# rad; beyond any real unwrapped phase (2 pi x 1 Hz x 100 years ~ 2e10), and where float64
+# still resolves 1e-4 rad: larger values are corrupt, and wrapping them would give noise.
+PHASE_LIMIT = 1e12
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def wrap_phase(phase: np.ndarray) -> np.ndarray:
-    """Map angles to (-pi, pi] (pi stays pi, -pi becomes pi)."""
+    """Map angles to (-pi, pi] (pi stays pi, -pi becomes pi); |phase| >= PHASE_LIMIT becomes
+    +/-inf (counted and dropped downstream like any non-finite value), never a random angle."""
     if phase.size and phase.min() > -np.pi and phase.max() <= np.pi:  # the usual case, 10x cheaper
         return phase
-    return np.pi - np.mod(np.pi - phase, TWO_PI)
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN stays NaN
+        wrapped = np.pi - np.mod(np.pi - phase, TWO_PI)
+    return np.where(np.abs(phase) >= PHASE_LIMIT, np.copysign(np.inf, phase), wrapped)
 
 
 @dataclass(frozen=True)
@@ -75,8 +82,9 @@ class PhaseIntegrator:
     def __call__(self, timestamps: np.ndarray, frequency: np.ndarray) -> np.ndarray:
         """Phase (rows, buses) for the next rows of the file, wrapped to (-pi, pi]."""
         t = self.seconds(timestamps)
-        deviation = np.nan_to_num(np.asarray(frequency, dtype=np.float64) - self.nominal,
-                                  nan=0.0, posinf=0.0, neginf=0.0)
+        frequency = np.asarray(frequency, dtype=np.float64)
+        # A frequency the float32 state cannot hold (its row is dropped) counts as missing too.
+        deviation = np.where(np.abs(frequency) <= FLOAT32_MAX, frequency - self.nominal, 0.0)
         dt = np.diff(t, prepend=self.last_time)
         dt[~np.isfinite(dt)] = 0.0
         previous = np.concatenate([self.last_deviation[None, :], deviation[:-1]])

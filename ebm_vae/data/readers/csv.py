@@ -9,6 +9,7 @@ numbers is float64; one of ISO timestamps (or named like a time) is returned as 
 seconds since the epoch (UTC when the file gives no zone); anything else is text. Reads ask
 pyarrow for exactly those types; when a block holds junk (`"n/a?"`, `"ERR"`) in a numeric
 column that block is re-read as strings and only the values that are not numbers become NaN.
+Text is UTF-8 (ASCII included); 8-bit text that is not UTF-8 is read as Latin-1; UTF-16 is refused.
 """
 
 from __future__ import annotations
@@ -91,19 +92,27 @@ class _Layout:
     types: dict[str, pa.DataType]  # float64, a timestamp type, or string
     data_start: int  # byte offset of the first data line
     line_bytes: float  # mean bytes per data line in the sample
+    encoding: str = "utf8"  # or "latin-1": 8-bit text that is not UTF-8 (older instruments)
 
     @classmethod
     def read(cls, fh: io.BufferedReader, size: int) -> _Layout:
         if size == 0:
             raise ReadError("empty file")
         sample = os.pread(fh.fileno(), SAMPLE_BYTES, 0)
-        if not is_text(sample):
+        if sample[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise ReadError("UTF-16 text is not supported: save the file as UTF-8")
+        if is_text(sample):
+            encoding = "utf8"
+        elif is_text(sample.decode("latin-1").encode("utf-8")):  # no NUL or ASCII control bytes
+            encoding = "latin-1"  # decodes any byte: 8-bit text of an older instrument
+        else:
             raise ReadError("not a text CSV: binary content")
         newline = sample.find(b"\n")
         if newline < 0 and size > len(sample):
             raise ReadError(f"not a CSV: no line end in the first {SAMPLE_BYTES} bytes")
         header_end = len(sample) if newline < 0 else newline + 1
-        header = sample[:header_end].decode("utf-8-sig", errors="replace").strip("\r\n")
+        header = sample[:header_end].decode("utf-8-sig" if encoding == "utf8" else encoding,
+                                            errors="replace").strip("\r\n")
         names = tuple(n.strip() for n in next(pycsv.reader([header]), []))
         if not any(names):
             raise ReadError("not a CSV: empty header line")
@@ -111,11 +120,11 @@ class _Layout:
         if duplicates:
             raise ReadError(f"duplicate columns {duplicates}")
         body = sample[header_end : sample.rfind(b"\n") + 1] if newline >= 0 else b""
-        lines = body.decode("utf-8", errors="replace").splitlines()[:SAMPLE_LINES]
+        lines = body.decode(encoding, errors="replace").splitlines()[:SAMPLE_LINES]
         rows = [r for r in pycsv.reader(lines) if len(r) == len(names)]
         types = {n: _column_type(n, [r[j] for r in rows]) for j, n in enumerate(names)}
         n_lines = max(1, body.count(b"\n"))
-        return cls(names, types, header_end, len(body) / n_lines if body else 64.0)
+        return cls(names, types, header_end, len(body) / n_lines if body else 64.0, encoding)
 
 
 def _is_number(text: str) -> bool:
@@ -148,11 +157,11 @@ def _column_type(name: str, values: list[str]) -> pa.DataType:
 
 
 def _parse(block: bytes, names: tuple[str, ...], types: dict[str, pa.DataType],
-           columns: list[str] | None = None) -> pa.Table:
+           columns: list[str] | None = None, encoding: str = "utf8") -> pa.Table:
     """One block of whole data lines; rows with the wrong number of fields are skipped."""
     return pacsv.read_csv(
         pa.py_buffer(block),
-        read_options=pacsv.ReadOptions(column_names=list(names), use_threads=False),
+        read_options=pacsv.ReadOptions(column_names=list(names), use_threads=False, encoding=encoding),
         parse_options=pacsv.ParseOptions(invalid_row_handler=lambda row: "skip"),
         convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns or list(names)),
     )
@@ -222,12 +231,13 @@ class CsvHandle(TableHandle):
     def _to_numpy(self, block: bytes, columns: list[str]) -> dict[str, np.ndarray]:
         types = {c: self._layout.types[c] for c in columns}
         try:
-            table = _parse(block, self._layout.names, types, columns)
+            table = _parse(block, self._layout.names, types, columns, self._layout.encoding)
             return {c: column_to_numpy(table.column(c)) for c in columns}
         except pa.ArrowInvalid:
             pass  # junk in a typed column: re-read this block as strings
         try:
-            table = _parse(block, self._layout.names, {c: pa.string() for c in columns}, columns)
+            table = _parse(block, self._layout.names, {c: pa.string() for c in columns}, columns,
+                           self._layout.encoding)
         except pa.ArrowException as exc:
             raise ReadError(f"unparsable CSV block: {one_line(exc)}") from None
         out = {}

@@ -9,6 +9,7 @@ of float variables become NaN, which the stream counts and drops.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from pathlib import Path
@@ -35,7 +36,8 @@ _LOCK = threading.Lock()
 
 
 def _open(path: Path) -> netCDF4.Dataset:
-    if os.path.getsize(path) == 0:
+    size = os.path.getsize(path)
+    if size == 0:
         raise ReadError("empty file")
     try:
         ds = netCDF4.Dataset(path, "r")
@@ -44,8 +46,82 @@ def _open(path: Path) -> netCDF4.Dataset:
         if "Unknown file format" in reason:
             raise ReadError(f"not a NetCDF file: {reason}") from None
         raise ReadError(f"unreadable NetCDF: {reason}") from None
+    if ds.file_format.startswith("NETCDF3"):
+        try:
+            with open(path, "rb") as fh:
+                expected = classic_data_end(fh)
+        except (OSError, ValueError, IndexError, KeyError) as exc:  # a header netCDF-C let through
+            ds.close()
+            raise ReadError(f"corrupt NetCDF header: {type(exc).__name__}: {one_line(exc)}") from None
+        if size < expected:
+            ds.close()
+            raise ReadError(f"truncated NetCDF: {size} of {expected} bytes")
     ds.set_auto_mask(False)
     return ds
+
+
+# Bytes per value of the classic types: byte, char, short, int, float, double (CDF-1/2), then
+# CDF-5's ubyte, ushort, uint, int64, uint64.
+_CLASSIC_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 4, 6: 8, 7: 1, 8: 2, 9: 4, 10: 8, 11: 8}
+
+
+def classic_data_end(fh) -> int:
+    """Where the data of a classic (CDF-1, -2 or -5) NetCDF file ends, from its header.
+
+    netCDF-C reads the missing part of a truncated classic file as zeros, without an error,
+    so the reader compares this with the file's size. Follows the format specification:
+    big-endian integers, 64-bit counts in CDF-5, 64-bit offsets from CDF-2 on.
+    """
+    version = fh.read(4)[3]
+    count_bytes, offset_bytes = (8, 8) if version == 5 else (4, 8 if version == 2 else 4)
+
+    def number(n_bytes: int) -> int:
+        raw = fh.read(n_bytes)
+        if len(raw) < n_bytes:
+            raise ValueError("header cut short")
+        return int.from_bytes(raw, "big")
+
+    def skip_name() -> None:
+        n = number(count_bytes)
+        fh.seek(n + -n % 4, os.SEEK_CUR)
+
+    def skip_attributes() -> None:
+        number(4)  # NC_ATTRIBUTE or ABSENT
+        for _ in range(number(count_bytes)):
+            skip_name()
+            kind = number(4)
+            n = number(count_bytes) * _CLASSIC_TYPE_BYTES[kind]
+            fh.seek(n + -n % 4, os.SEEK_CUR)
+
+    numrecs = number(count_bytes)
+    number(4)  # NC_DIMENSION or ABSENT
+    dims = []
+    for _ in range(number(count_bytes)):
+        skip_name()
+        dims.append(number(count_bytes))
+    skip_attributes()
+    number(4)  # NC_VARIABLE or ABSENT
+    fixed_ends, records = [0], []  # records: (begin, bytes per record) of record variables
+    for _ in range(number(count_bytes)):
+        skip_name()
+        shape = [dims[number(count_bytes)] for _ in range(number(count_bytes))]
+        skip_attributes()
+        kind = number(4)
+        number(count_bytes)  # vsize: clamped for large variables, so recomputed from the shape
+        begin = number(offset_bytes)
+        is_record = bool(shape) and shape[0] == 0
+        values = math.prod(shape[1:] if is_record else shape)
+        if is_record:
+            records.append((begin, values * _CLASSIC_TYPE_BYTES[kind]))
+        else:
+            fixed_ends.append(begin + values * _CLASSIC_TYPE_BYTES[kind])
+    end = max(fixed_ends)
+    streaming = numrecs == (1 << 8 * count_bytes) - 1  # numrecs unknown: written while read
+    if records and numrecs > 0 and not streaming:
+        # Records interleave every record variable; a lone one is not padded to 4 bytes.
+        record_bytes = records[0][1] if len(records) == 1 else sum(n + -n % 4 for _, n in records)
+        end = max(end, *(begin + (numrecs - 1) * record_bytes + n for begin, n in records))
+    return end
 
 
 def _groups(group: netCDF4.Group, prefix: str = ""):

@@ -62,7 +62,8 @@ def _open(path: Path) -> pq.ParquetFile:
     if os.path.getsize(path) == 0:
         raise ReadError("empty file")
     try:
-        return pq.ParquetFile(path)
+        # Pages written with CRCs (write_page_checksum) are verified: damage is an error, not values.
+        return pq.ParquetFile(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as exc:
         raise ReadError(f"not a Parquet file: {one_line(exc)}") from None
 
