@@ -7,6 +7,7 @@ C-order over `StateInfo.shape`. It never loads a whole file: `iter_states` reads
 
 from __future__ import annotations
 
+import functools
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -56,11 +57,18 @@ class StateInfo:
     def field(cls, channel_names: Sequence[str], channel_units: Sequence[str],
               spatial: tuple[int, ...]) -> StateInfo:
         """A (C, H, W) field state; flat names follow the C-order reshape: Bx[0,0], Bx[0,1], ..."""
-        pixels = list(itertools.product(*(range(n) for n in spatial)))
-        names = tuple(f"{c}[{','.join(map(str, ij))}]" for c in channel_names for ij in pixels)
-        units = tuple(u for u in channel_units for _ in pixels)
-        return cls(kind="field", shape=(len(channel_names), *spatial), names=names, units=units,
-                   channel_names=tuple(channel_names), channel_units=tuple(channel_units))
+        return _field_state(tuple(channel_names), tuple(channel_units), tuple(spatial))
+
+
+@functools.lru_cache(maxsize=64)
+def _field_state(channel_names: tuple[str, ...], channel_units: tuple[str, ...],
+                 spatial: tuple[int, ...]) -> StateInfo:
+    """Cached: the crawl plans every file of a capsule, and 12,288 pixel names per file add up."""
+    pixels = list(itertools.product(*(range(n) for n in spatial)))
+    names = tuple(f"{c}[{','.join(map(str, ij))}]" for c in channel_names for ij in pixels)
+    units = tuple(u for u in channel_units for _ in pixels)
+    return StateInfo(kind="field", shape=(len(channel_names), *spatial), names=names, units=units,
+                     channel_names=channel_names, channel_units=channel_units)
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,20 @@ def require(variables: dict[str, VariableInfo], names: Sequence[str]) -> None:
     missing = [n for n in names if n not in variables]
     if missing:
         raise ExtractError(f"missing variables {missing}")
+
+
+def require_numeric(variables: dict[str, VariableInfo], names: Sequence[str]) -> None:
+    """Refuse text columns at plan time (crawl), not halfway through a read."""
+    text = [n for n in names if not _numeric(variables[n].dtype)]
+    if text:
+        raise ExtractError(f"variables {text} are not numeric ({[variables[n].dtype for n in text]})")
+
+
+def _numeric(dtype: str) -> bool:
+    try:
+        return np.dtype(dtype).kind in "biuf"
+    except TypeError:  # a type numpy does not know (e.g. an HDF5 compound or string type name)
+        return False
 
 
 def table_extent(info: FileInfo) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from ebm_vae.data.extractors.base import (
     Extractor,
     FilePlan,
     StateInfo,
+    require_numeric,
     table_extent,
     variables_of,
 )
@@ -112,6 +113,7 @@ class GridExtractor(Extractor):
             raise ExtractError(f"expected {int(expected)} buses, file has {len(buses)}")
         if any(b.phase is None for b in buses) and "timestamp" not in variables:
             raise ExtractError("missing variables ['timestamp'] (needed to derive the phase angle)")
+        require_numeric(variables, [c for b in buses for c in (b.frequency, b.phase) if c is not None])
         return buses
 
     @property

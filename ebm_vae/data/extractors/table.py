@@ -16,17 +16,11 @@ from ebm_vae.data.extractors.base import (
     FilePlan,
     StateInfo,
     require,
+    require_numeric,
     table_extent,
     variables_of,
 )
 from ebm_vae.data.readers.base import ArrayHandle, FileInfo, TableHandle, VariableInfo
-
-
-def _numeric(dtype: str) -> bool:
-    try:
-        return np.dtype(dtype).kind in "biuf"
-    except TypeError:  # a type numpy does not know (e.g. an HDF5 compound or string type name)
-        return False
 
 
 class TableExtractor(Extractor):
@@ -57,9 +51,7 @@ class TableExtractor(Extractor):
         self.check_format(info)
         variables = variables_of(info)
         require(variables, self.names)
-        text = [n for n in self.names if not _numeric(variables[n].dtype)]
-        if text:
-            raise ExtractError(f"variables {text} are not numeric ({[variables[n].dtype for n in text]})")
+        require_numeric(variables, self.names)
         if info.format in ("csv", "parquet"):
             n_rows, extent = table_extent(info)
             return FilePlan(n_samples=n_rows, extent=extent, state=self._state())
