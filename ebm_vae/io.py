@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,11 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=suffix if suffix is not None else target.suffix + ".tmp",
-        dir=target.parent,
-    )
-    os.close(fd)
-    tmp_path = Path(tmp)
+    suffix = suffix if suffix is not None else target.suffix + ".tmp"
+    tmp_path = target.parent / f".{target.name}.{secrets.token_hex(6)}{suffix}"
+    # Not mkstemp: its files are 0600 and keep that through the rename, so colleagues could not
+    # read a shared index or map; mode 0o666 under the umask is what a plain open() gives.
+    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:

@@ -112,6 +112,10 @@ def test_histogram_of_many_dimensions_stays_sparse():
     assert hist.dense_bytes > 1e12  # a grid that could never be allocated
     assert len(hist.keys) <= len(x)
     assert hist.sparse_bytes == 16 * len(hist.keys)
+    assert not hist.capped
+    x[0, 0] = 1e6  # one outlier asks for millions of bins along axis 0: capped, and said so
+    wide = SparseHistogram.fit(x, "fd")
+    assert wide.capped and wide.bins[0] == int(2 ** (62 / 8)) and wide.dense_bytes < 2**63
 
 
 def test_study_harness_smoke(tmp_path):

@@ -1,18 +1,21 @@
 """How one streaming epoch grows with the data: `python scripts/bench.py scaling [--json] [--quick]`.
 
-For the grid capsule (Parquet) and the fusion capsule (HDF5, the Well layout), trees of 1x, 3x
-and 10x the files (and so the bytes) are crawled (index + statistics pass), then one training
-epoch of the capsule's real `CapsuleDataModule` loader (read, extract, z-score, shuffle
-buffer, whole batches; `data.num_workers=0`, so one worker) runs in a fresh subprocess, which
-reports its own peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`, plus `RUSAGE_CHILDREN` for any
-worker processes). Each entry sits beside the 1x run as the baseline, with ratios:
+For the grid capsule (Parquet) and the fusion capsule (plain-layout HDF5, 3 x 32 x 32 field
+states), trees of 1x, 3x and 10x the files (and so the bytes) are crawled (index + statistics
+pass), then training epochs of the capsule's real `CapsuleDataModule` loader (read, extract,
+z-score, shuffle buffer, whole batches; `data.num_workers=0`, so one worker) run in a fresh
+subprocess, which reports its own peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`; worker
+processes, if any, under `RUSAGE_CHILDREN`). The subprocess runs `EPOCHS` epochs, each with
+its own shuffle, and reports the median epoch time and the peak over all of them (memory that
+grew per epoch would show). Each entry sits beside the 1x run as the baseline, with ratios:
 streaming memory is flat when `peak_rss_ratio` stays near 1 while `samples_ratio` reaches 10,
 and time is linear when `seconds_per_sample_ratio` stays near 1.
 
 The memory a stream holds is bounded by its shuffle buffer (`data.shuffle_buffer` states, at
 most `data.shuffle_buffer_bytes`) and one read chunk, never by the data: the 1x trees are sized
 so the buffer is already full at 1x (for fusion's 12 KB states the byte cap is lowered to
-`FUSION_BUFFER_BYTES` to make that so at a few minutes' size). Files of one tree are
+`FUSION_BUFFER_BYTES` to make that so at a few minutes' size). A tree is deleted once measured
+(the 10x one is 2 GB). Files of one tree are
 `VARIANTS` distinct demo files copied under distinct names (copies, not hard links: the crawl
 rightly indexes a hard-linked file once), which keeps generation to seconds; every file is
 crawled and streamed as its own.
@@ -29,6 +32,7 @@ import json
 import logging
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +44,7 @@ from typing import Any
 from ebm_vae import demo
 
 SCALES = (1, 3, 10)
+EPOCHS = 3
 VARIANTS = 4  # distinct files written per capsule; the rest of a tree repeats them
 FUSION_BUFFER_BYTES = 4 * 2**20
 
@@ -56,32 +61,29 @@ class TreeSpec:
 
 
 def tree_specs(quick: bool) -> list[TreeSpec]:
-    rows = 100_000 if quick else 250_000
-    snapshots = 32 if quick else 64
+    """1x: 8 files of 25 MB per capsule (2 files of 2.5 MB with --quick)."""
+    files, rows, snapshots = (2, 100_000, 128) if quick else (8, 1_000_000, 1024)
     return [
-        TreeSpec("grid", "grid_frequency_{:04d}.parquet", 4,
+        TreeSpec("grid", "grid_frequency_{:04d}.parquet", files,
                  lambda path, seed: demo.write_grid_parquet(path, n_rows=rows, seed=seed)),
-        TreeSpec("fusion", "MHD_32_run{:04d}.h5", 4,
-                 lambda path, seed: demo.write_fusion_well(path, n_traj=2, n_time=snapshots, n=32,
-                                                           nz=4, seed=seed),
+        TreeSpec("fusion", "MHD_32_run{:04d}.h5", files,
+                 lambda path, seed: demo.write_fusion_plain(path, n_time=snapshots, n=32, nz=2,
+                                                            seed=seed),
                  (f"data.shuffle_buffer_bytes={FUSION_BUFFER_BYTES}",)),
     ]
 
 
-def write_trees(spec: TreeSpec, work: Path, scales: tuple[int, ...]) -> dict[int, Path]:
-    """One root per scale holding scale x `files_1x` files; returns {scale: root}."""
+def write_variants(spec: TreeSpec, work: Path) -> list[Path]:
     sources = work / f"{spec.capsule}_variants"
-    variants = [spec.write(sources / spec.name.format(i), i) for i in range(VARIANTS)]
-    roots = {}
-    for scale in scales:
-        root = work / f"{spec.capsule}_{scale}x"
-        root.mkdir(parents=True, exist_ok=True)
-        for i in range(scale * spec.files_1x):
-            target = root / spec.name.format(i)
-            if not target.exists():
-                shutil.copyfile(variants[i % VARIANTS], target)
-        roots[scale] = root
-    return roots
+    return [spec.write(sources / spec.name.format(i), i) for i in range(VARIANTS)]
+
+
+def write_tree(spec: TreeSpec, variants: list[Path], root: Path, scale: int) -> Path:
+    """`scale` x `files_1x` files under `root`, copies of the variants in turn."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(scale * spec.files_1x):
+        shutil.copyfile(variants[i % len(variants)], root / spec.name.format(i))
+    return root
 
 
 def tree_bytes(root: Path) -> int:
@@ -119,13 +121,16 @@ def one_epoch(overrides: list[str]) -> dict[str, Any]:
     data = datamodule_from_config(compose("train", overrides))
     loader = data.train_dataloader()
     rss_before = peak_rss_mb()
-    wall, cpu = time.perf_counter(), time.process_time()
-    samples = 0
-    for batch in loader:
-        samples += len(batch)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"samples": samples, "seconds": wall, "cpu_seconds": cpu,
-            "peak_rss_mb": peak_rss_mb(), "rss_before_epoch_mb": rss_before,
+    walls, cpus, samples = [], [], 0
+    for epoch in range(EPOCHS):
+        loader.dataset.set_epoch(epoch)
+        wall, cpu = time.perf_counter(), time.process_time()
+        samples = sum(len(batch) for batch in loader)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return {"samples": samples, "seconds": statistics.median(walls),
+            "cpu_seconds": statistics.median(cpus), "epochs": EPOCHS,
+            "peak_rss_mb": peak_rss_mb(), "rss_before_epochs_mb": rss_before,
             "workers_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN),
             "state_dim": data.state.dim, "batch_size": loader.dataset.batch_size}
 
@@ -140,15 +145,17 @@ def epoch_in_subprocess(overrides: list[str]) -> dict[str, Any]:
 
 
 def measure(spec: TreeSpec, work: Path, scales: tuple[int, ...]) -> dict[str, dict[str, Any]]:
-    roots = write_trees(spec, work, scales)
+    variants = write_variants(spec, work)
     entries = {}
-    for scale, root in roots.items():
+    for scale in scales:
+        root = write_tree(spec, variants, work / f"{spec.capsule}_{scale}x", scale)
         overrides = train_overrides(spec.capsule, root, work / f"{spec.capsule}_{scale}x_out",
                                     spec.overrides)
         crawl_s = crawl_tree(overrides)
         epoch = epoch_in_subprocess(overrides)
-        files = sum(1 for p in root.iterdir() if p.is_file())
-        entry = {"scale": scale, "files": files, "bytes": tree_bytes(root), **epoch,
+        files, size = sum(1 for p in root.iterdir() if p.is_file()), tree_bytes(root)
+        shutil.rmtree(root)
+        entry = {"scale": scale, "files": files, "bytes": size, **epoch,
                  "samples_per_s": epoch["samples"] / epoch["seconds"],
                  "cpu_samples_per_s": epoch["samples"] / epoch["cpu_seconds"],
                  "crawl_s": crawl_s, "overrides": list(spec.overrides)}

@@ -419,9 +419,10 @@ class StateStream(IterableDataset):
                     self.skipped[unit.path] = one_line(exc)
                     log.warning("skipping %s: %s", unit.path, self.skipped[unit.path])
         finally:
-            if dropped:
+            if dropped:  # said once per process: every later pass drops the same samples again
+                level = logging.INFO if not self.dropped else logging.DEBUG
                 self.dropped += dropped
-                log.info("dropped %d samples with NaN/Inf values", dropped)
+                log.log(level, "dropped %d samples with NaN/Inf values", dropped)
 
 
 def stream_args(data_cfg: Any) -> dict[str, Any]:

@@ -39,25 +39,38 @@ def _open(path: Path) -> netCDF4.Dataset:
     size = os.path.getsize(path)
     if size == 0:
         raise ReadError("empty file")
+    _check_classic_header(path, size)
     try:
         ds = netCDF4.Dataset(path, "r")
+    except (RuntimeError, UnicodeDecodeError) as exc:  # a damaged header or attribute name
+        raise ReadError(f"corrupt NetCDF: {one_line(exc)}") from None
     except OSError as exc:
         reason = exc.strerror or one_line(exc)
         if "Unknown file format" in reason:
             raise ReadError(f"not a NetCDF file: {reason}") from None
         raise ReadError(f"unreadable NetCDF: {reason}") from None
-    if ds.file_format.startswith("NETCDF3"):
-        try:
-            with open(path, "rb") as fh:
-                expected = classic_data_end(fh)
-        except (OSError, ValueError, IndexError, KeyError) as exc:  # a header netCDF-C let through
-            ds.close()
-            raise ReadError(f"corrupt NetCDF header: {type(exc).__name__}: {one_line(exc)}") from None
-        if size < expected:
-            ds.close()
-            raise ReadError(f"truncated NetCDF: {size} of {expected} bytes")
     ds.set_auto_mask(False)
     return ds
+
+
+def _check_classic_header(path: Path, size: int) -> None:
+    """Refuse a classic file whose header is damaged or promises more data than the file holds.
+
+    Checked before netCDF-C sees the file: on such files it reads the missing data as zeros
+    without an error, and on some damaged headers it never returns.
+    """
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) not in CLASSIC_MAGIC:
+                return
+            fh.seek(0)
+            expected = classic_data_end(fh)
+    except OSError as exc:
+        raise ReadError(f"cannot open: {exc.strerror or one_line(exc)}") from None
+    except (ValueError, IndexError, KeyError, OverflowError) as exc:
+        raise ReadError(f"corrupt NetCDF header: {type(exc).__name__}: {one_line(exc)}") from None
+    if size < expected:
+        raise ReadError(f"truncated NetCDF: {size} of {expected} bytes")
 
 
 # Bytes per value of the classic types: byte, char, short, int, float, double (CDF-1/2), then
@@ -68,9 +81,9 @@ _CLASSIC_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 4, 6: 8, 7: 1, 8: 2, 9: 4, 10:
 def classic_data_end(fh) -> int:
     """Where the data of a classic (CDF-1, -2 or -5) NetCDF file ends, from its header.
 
-    netCDF-C reads the missing part of a truncated classic file as zeros, without an error,
-    so the reader compares this with the file's size. Follows the format specification:
-    big-endian integers, 64-bit counts in CDF-5, 64-bit offsets from CDF-2 on.
+    Follows the format specification: big-endian integers, 64-bit counts in CDF-5, 64-bit
+    offsets from CDF-2 on. Every loop step reads bytes, so a damaged count fails at the end of
+    the file instead of looping on.
     """
     version = fh.read(4)[3]
     count_bytes, offset_bytes = (8, 8) if version == 5 else (4, 8 if version == 2 else 4)

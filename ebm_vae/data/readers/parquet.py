@@ -64,7 +64,9 @@ def _open(path: Path) -> pq.ParquetFile:
     try:
         # Pages written with CRCs (write_page_checksum) are verified: damage is an error, not values.
         return pq.ParquetFile(path, page_checksum_verification=True)
-    except (pa.ArrowException, OSError) as exc:
+    except (PermissionError, FileNotFoundError) as exc:  # a Parquet file or not, it cannot be opened
+        raise ReadError(f"cannot open: {exc.strerror or one_line(exc)}") from None
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # undecodable: a damaged footer
         raise ReadError(f"not a Parquet file: {one_line(exc)}") from None
 
 
