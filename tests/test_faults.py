@@ -246,6 +246,60 @@ def test_nan_inf_and_absurd_values_are_counted_at_every_stage_and_never_used(fau
     assert report["n_total"] == 502 and report["n_nonfinite_dropped"] == 13
 
 
+CRAWL_WITH_A_READER_THAT_DIES = """
+import json, os, signal, sys, time
+from ebm_vae.config import compose
+from ebm_vae.crawl import crawl as crawl_module
+
+identify = crawl_module.identify
+
+def dies_on_one_file(root, found, rules):  # what libhdf5 2.0 does on some one-byte-damaged files
+    if found.relpath == "MHD_bad.h5":
+        os.kill(os.getpid(), signal.SIGSEGV) if sys.argv[3] == "crash" else time.sleep(3600)
+    return identify(root, found, rules)
+
+crawl_module.identify = dies_on_one_file
+crawl_module.CHUNK_FILES = int(sys.argv[4])
+rows = crawl_module.crawl(compose("crawl", [f"data.root={sys.argv[1]}", f"paths.root={sys.argv[2]}",
+                                            "crawl.progress=false", "crawl.stats=false", *sys.argv[5:]]))
+print(json.dumps({e.path: e.error for e in rows.entries()}))
+"""
+
+
+def crawl_where_a_reader_dies(tmp_path: Path, how: str, chunk_files: int, *overrides: str,
+                              timeout: float = 120) -> dict:
+    for k in range(3):
+        write_grid_file(tmp_path / "data" / f"grid_{k}.parquet", k)
+    demo.write_fusion_plain(tmp_path / "data" / "MHD_bad.h5", n_time=2, n=4, nz=2)
+    done = subprocess.run([sys.executable, "-c", CRAWL_WITH_A_READER_THAT_DIES, str(tmp_path / "data"),
+                           str(tmp_path / "out"), how, str(chunk_files), *overrides], capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, f"the crawl died (rc {done.returncode}): {done.stderr[-2000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_reader_crash_in_a_crawl_worker_becomes_an_error_row(tmp_path):
+    rows = crawl_where_a_reader_dies(tmp_path, "crash", 1, "crawl.workers=2")  # 4 chunks: the pool
+    assert rows["MHD_bad.h5"] == "unreadable: the reader crashed on this file"
+    assert all(rows[f"grid_{k}.parquet"] is None for k in range(3))
+
+
+@pytest.mark.xfail(strict=True, reason="OPEN (crawl): with crawl.workers=1, or few files to inspect "
+                   "(one chunk of 64), inspection runs in the crawl's own process, so a reader "
+                   "crash (libhdf5 segfaults on some damaged files) kills the crawl")
+def test_a_reader_crash_in_a_small_crawl_becomes_an_error_row(tmp_path):
+    rows = crawl_where_a_reader_dies(tmp_path, "crash", 64)  # default workers, one chunk
+    assert rows["MHD_bad.h5"] == "unreadable: the reader crashed on this file"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=subprocess.TimeoutExpired, reason="OPEN (crawl): no time limit "
+                   "per file, so a reader that never returns (libhdf5 on some damaged files) stops the crawl")
+def test_a_reader_that_never_returns_becomes_an_error_row(tmp_path):
+    rows = crawl_where_a_reader_dies(tmp_path, "hang", 1, "crawl.workers=2", timeout=60)
+    assert rows["MHD_bad.h5"] is not None and rows["grid_0.parquet"] is None
+
+
 # --------------------------------------------------------------------------- faults after the crawl
 
 

@@ -150,3 +150,35 @@ def test_densities_are_reproducible():
         x = a.sample(10, np.random.default_rng(0))
         assert np.array_equal(x, b.sample(10, np.random.default_rng(0)))
         assert np.array_equal(a.log_prob(x), b.log_prob(x))
+
+
+def test_scaling_epoch_streams_the_training_states(tmp_path):
+    from ebm_vae import demo
+    from ebm_vae.bench.scaling import crawl_tree, one_epoch, train_overrides
+    from ebm_vae.config import compose
+    from ebm_vae.data.datamodule import datamodule_from_config
+
+    root = tmp_path / "tree"
+    for i in range(2):
+        demo.write_grid_parquet(root / f"grid_frequency_{i}.parquet", n_rows=3000, seed=i)
+    overrides = train_overrides("grid", root, tmp_path / "out",
+                                ("data.batch_size=256", "data.unit_samples=1000"))
+    crawl_tree(overrides)
+    epoch = one_epoch(overrides)
+    train_units = datamodule_from_config(compose("train", overrides)).train_units
+    train_states = sum(unit.n_samples for unit in train_units)
+    assert 0 < train_states < 6000  # 6 units of 1,000 rows, some held out for validation
+    assert epoch["samples"] == train_states // 256 * 256  # whole batches, every epoch
+    assert epoch["peak_rss_mb"] >= epoch["rss_before_epochs_mb"] > 0
+
+
+def test_scaling_ratios_are_against_the_smallest_tree():
+    from ebm_vae.bench.scaling import add_ratios
+
+    entries = {f"g_{s}x": {"files": 4 * s, "bytes": 100 * s, "samples": 1000 * s,
+                           "seconds": 0.5 * s, "cpu_seconds": 0.4 * s, "peak_rss_mb": 500.0 + s}
+               for s in (1, 10)}
+    add_ratios(entries, "g_1x")
+    big = entries["g_10x"]
+    assert big["samples_ratio"] == 10 and big["seconds_per_sample_ratio"] == pytest.approx(1.0)
+    assert big["peak_rss_ratio"] == pytest.approx(510 / 501) and big["baseline"] == "g_1x"

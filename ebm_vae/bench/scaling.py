@@ -14,11 +14,10 @@ and time is linear when `seconds_per_sample_ratio` stays near 1.
 The memory a stream holds is bounded by its shuffle buffer (`data.shuffle_buffer` states, at
 most `data.shuffle_buffer_bytes`) and one read chunk, never by the data: the 1x trees are sized
 so the buffer is already full at 1x (for fusion's 12 KB states the byte cap is lowered to
-`FUSION_BUFFER_BYTES` to make that so at a few minutes' size). A tree is deleted once measured
-(the 10x one is 2 GB). Files of one tree are
-`VARIANTS` distinct demo files copied under distinct names (copies, not hard links: the crawl
-rightly indexes a hard-linked file once), which keeps generation to seconds; every file is
-crawled and streamed as its own.
+`FUSION_BUFFER_BYTES` to make that so at a few minutes' size). Files of one tree are `VARIANTS`
+distinct demo files copied under distinct names (copies, not hard links: the crawl rightly
+indexes a hard-linked file once), which keeps generation to seconds; every file is crawled and
+streamed as its own. A tree is deleted once measured (the 10x ones are 2 GB).
 
 Seconds are wall-clock; `cpu_seconds` (the subprocess's CPU time) is the figure to read when
 other processes share the machine.
@@ -37,11 +36,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ebm_vae import demo
+from ebm_vae.config import compose
+from ebm_vae.crawl.crawl import crawl
+from ebm_vae.data.datamodule import datamodule_from_config
 
 SCALES = (1, 3, 10)
 EPOCHS = 3
@@ -56,13 +59,13 @@ class TreeSpec:
     capsule: str
     name: str  # file name pattern with one {} for the index; matches the capsule's rules
     files_1x: int
-    write: Any
+    write: Callable[[Path, int], Path]
     overrides: tuple[str, ...] = ()
 
 
 def tree_specs(quick: bool) -> list[TreeSpec]:
-    """1x: 8 files of 25 MB per capsule (2 files of 2.5 MB with --quick)."""
-    files, rows, snapshots = (2, 100_000, 128) if quick else (8, 1_000_000, 1024)
+    """1x: 8 files of 25 MB per capsule (2 files of 2.5 to 6 MB with --quick)."""
+    files, rows, snapshots = (2, 100_000, 256) if quick else (8, 1_000_000, 1024)
     return [
         TreeSpec("grid", "grid_frequency_{:04d}.parquet", files,
                  lambda path, seed: demo.write_grid_parquet(path, n_rows=rows, seed=seed)),
@@ -97,9 +100,6 @@ def train_overrides(capsule: str, root: Path, out: Path, extra: tuple[str, ...])
 
 def crawl_tree(overrides: list[str]) -> float:
     """Index and statistics pass of one tree; returns its wall seconds."""
-    from ebm_vae.config import compose
-    from ebm_vae.crawl.crawl import crawl
-
     cfg = compose("train", overrides)
     start = time.perf_counter()
     with contextlib.redirect_stdout(None):
@@ -113,10 +113,7 @@ def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
 
 
 def one_epoch(overrides: list[str]) -> dict[str, Any]:
-    """One training epoch of the capsule's data module, in this process (the subprocess side)."""
-    from ebm_vae.config import compose
-    from ebm_vae.data.datamodule import datamodule_from_config
-
+    """`EPOCHS` training epochs of the capsule's data module in this process (the subprocess side)."""
     logging.getLogger("ebm_vae").setLevel(logging.WARNING)
     data = datamodule_from_config(compose("train", overrides))
     loader = data.train_dataloader()
@@ -131,7 +128,8 @@ def one_epoch(overrides: list[str]) -> dict[str, Any]:
     return {"samples": samples, "seconds": statistics.median(walls),
             "cpu_seconds": statistics.median(cpus), "epochs": EPOCHS,
             "peak_rss_mb": peak_rss_mb(), "rss_before_epochs_mb": rss_before,
-            "workers_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN),
+            # DataLoader workers when data.num_workers > 0; otherwise helpers torch may spawn
+            "children_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN),
             "state_dim": data.state.dim, "batch_size": loader.dataset.batch_size}
 
 
