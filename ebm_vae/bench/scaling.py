@@ -4,8 +4,10 @@ For the grid capsule (Parquet) and the fusion capsule (plain-layout HDF5, 3 x 32
 states), trees of 1x, 3x and 10x the files (and so the bytes) are crawled (index + statistics
 pass), then training epochs of the capsule's real `CapsuleDataModule` loader (read, extract,
 z-score, shuffle buffer, whole batches; `data.num_workers=0`, so one worker) run in a fresh
-subprocess, which reports its own peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`; worker
-processes, if any, under `RUSAGE_CHILDREN`). The subprocess runs `EPOCHS` epochs, each with
+subprocess, which reports its own peak RSS: `VmHWM` of /proc/self/status, the high-water mark
+of its own address space. (Not `getrusage(...).ru_maxrss`: Linux carries the high-water mark of
+the address space replaced by exec into it, so a child started from a large parent reports at
+least the parent's size.) The subprocess runs `EPOCHS` epochs, each with
 its own shuffle, and reports the median epoch time and the peak over all of them (memory that
 grew per epoch would show). Each entry sits beside the 1x run as the baseline, with ratios:
 streaming memory is flat when `peak_rss_ratio` stays near 1 while `samples_ratio` reaches 10,
@@ -29,7 +31,6 @@ import argparse
 import contextlib
 import json
 import logging
-import resource
 import shutil
 import statistics
 import subprocess
@@ -107,9 +108,13 @@ def crawl_tree(overrides: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
-    """Peak resident set size in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(who).ru_maxrss / 1024.0
+def peak_rss_mb() -> float:
+    """This process's peak resident set size since exec, MiB (`VmHWM`, reported in kB)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmHWM in /proc/self/status: the scaling bench needs Linux")
 
 
 def one_epoch(overrides: list[str]) -> dict[str, Any]:
@@ -128,8 +133,6 @@ def one_epoch(overrides: list[str]) -> dict[str, Any]:
     return {"samples": samples, "seconds": statistics.median(walls),
             "cpu_seconds": statistics.median(cpus), "epochs": EPOCHS,
             "peak_rss_mb": peak_rss_mb(), "rss_before_epochs_mb": rss_before,
-            # DataLoader workers when data.num_workers > 0; otherwise helpers torch may spawn
-            "children_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN),
             "state_dim": data.state.dim, "batch_size": loader.dataset.batch_size}
 
 

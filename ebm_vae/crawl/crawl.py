@@ -217,9 +217,13 @@ class _Inspection:
 
     def _pool(self, chunks: list[list[FoundFile]], n_procs: int) -> list[FoundFile]:
         """Run the chunks; return the files of those lost to a crashed worker."""
-        lost = []
+        lost, futures = [], {}
         with self._executor(n_procs) as pool:
-            futures = {pool.submit(_identify_chunk, self.root, chunk): chunk for chunk in chunks}
+            for chunk in chunks:
+                try:
+                    futures[pool.submit(_identify_chunk, self.root, chunk)] = chunk
+                except BrokenProcessPool:  # a worker crashed while the chunks were handed out
+                    lost.extend(chunk)
             for future in as_completed(futures):
                 try:
                     self.advance(future.result())
@@ -228,15 +232,14 @@ class _Inspection:
         return lost
 
     def _isolate(self, suspects: list[FoundFile]) -> list[FoundFile]:
-        """One worker, one file per task, in order: the first lost task is the culprit (the
-        tasks after it were lost with it and are returned to try again)."""
+        """One worker, one file per task, one task at a time: the first lost task is the culprit
+        (the files after it are returned to try again in a fresh worker)."""
         with self._executor(1) as pool:
-            futures = [pool.submit(_identify_chunk, self.root, [found]) for found in suspects]
-            for i, future in enumerate(futures):
+            for i, found in enumerate(suspects):
                 try:
-                    self.advance(future.result())
+                    self.advance(pool.submit(_identify_chunk, self.root, [found]).result())
                 except BrokenProcessPool:
-                    culprit = suspects[i]
+                    culprit = found
                     log.warning("%s crashed a reader process", culprit.relpath)
                     self.advance([ManifestEntry(culprit.relpath, culprit.size, culprit.mtime_ns,
                                                 error="unreadable: the reader crashed on this file")])
