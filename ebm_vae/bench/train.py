@@ -31,6 +31,7 @@ from ebm_vae import demo
 from ebm_vae.config import compose
 from ebm_vae.crawl.crawl import crawl
 from ebm_vae.data.datamodule import datamodule_from_config
+from ebm_vae.data.extractors.base import StateInfo
 
 REPEATS = 3
 
@@ -127,6 +128,19 @@ def _grid_tree(root: Path, quick: bool) -> None:
         demo.write_grid_parquet(root / f"grid_frequency_{i}.parquet", n_rows=rows, seed=i)
 
 
+def _field_precision(device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
+    """The fusion conv VAE (3 x 64 x 64, GPU-sized widths) in memory: bf16-mixed beside fp32."""
+    batch, channels = 256, 32
+    cfg = compose("train", ["capsule=fusion", "trainer=gpu", f"data.batch_size={batch}",
+                            f"model.channels={channels}"])
+    state = StateInfo.field(["Bx", "By", "Bz"], ["T"] * 3, (64, 64)).to_dict()
+    bf16, fp32 = _best(steps * batch,
+                       lambda: _in_memory(cfg, state, device, "bf16-mixed", warmup, steps),
+                       lambda: _in_memory(cfg, state, device, "32-true", warmup, steps))
+    return {"bf16_samples_per_s": bf16["wall"], "fp32_samples_per_s": fp32["wall"],
+            "ratio": bf16["wall"] / fp32["wall"], "batch_size": batch, "channels": channels}
+
+
 def run(args: Any) -> dict[str, dict[str, Any]]:
     logging.getLogger("ebm_vae").setLevel(logging.WARNING)
     logging.getLogger("lightning").setLevel(logging.WARNING)
@@ -169,4 +183,5 @@ def run(args: Any) -> dict[str, dict[str, Any]]:
             results["grid_gpu_precision"] = {
                 "bf16_samples_per_s": memory["wall"], "fp32_samples_per_s": fp32["wall"],
                 "ratio": memory["wall"] / fp32["wall"], "batch_size": 16384}
+            results["fusion_gpu_precision"] = _field_precision(cuda, warmup, steps)
     return results
