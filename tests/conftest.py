@@ -5,9 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from ebm_vae import demo
 from ebm_vae.config import compose
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny networks on a 2-core machine: a second intra-op thread only spins (measured ~40x
+    slower when the other core is busy, e.g. with DataLoader workers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

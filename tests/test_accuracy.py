@@ -72,17 +72,9 @@ def fitted(name: str, dim: int, steps: int, tmp_path_factory):
     return density, samples, train_vae(samples, steps, ckpt), ckpt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small networks on a shared 2-core machine: a second intra-op thread only spins (~40x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
-def double_well_2d(tmp_path_factory, one_thread):
+def double_well_2d(tmp_path_factory):
     return fitted("boltzmann", 2, 1000, tmp_path_factory)
 
 

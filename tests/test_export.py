@@ -20,15 +20,6 @@ from ebm_vae.export import export
 from ebm_vae.train import train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small networks on a shared 2-core machine: a second intra-op thread only spins."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def trained(demo_index, tmp_path_factory):
     """paths.root holding checkpoints of grid (vector state) and fusion (field state), a few steps each."""

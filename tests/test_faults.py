@@ -49,14 +49,6 @@ from ebm_vae.train import train
 GRID_HEADER = "timestamp,frequency,phase_angle\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks on a shared 2-core machine: a second intra-op thread only spins."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def crawl_cfg(data: Path, out: Path, *overrides: str, extra_dirs=None):
     return compose("crawl", [f"data.root={data}", f"paths.root={out}", "crawl.workers=1",
