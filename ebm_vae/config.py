@@ -60,6 +60,7 @@ class CrawlConfig:
     # processes inspecting files; None = one per CPU (more can help on a high-latency network drive)
     workers: int | None = None
     checkpoint_s: float = 60.0  # write the manifest so far this often: a killed crawl resumes
+    file_timeout_s: float = 60.0  # a file whose reader takes longer gets an error row (a hung library)
     stats: bool = True  # run the statistics pass for capsules with new or changed files
     progress: bool = True
     stats_reservoir: int = 4096  # samples kept for the principal basis of field states

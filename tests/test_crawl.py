@@ -196,17 +196,20 @@ def test_ambiguous_unsupported_and_missing_variables(tmp_path):
 # --------------------------------------------------------------------------- incremental re-crawl
 
 
-def _count_inspections(monkeypatch):
-    opened = []
+def _count_inspections(monkeypatch, tmp_path):
+    """The names of the files the readers open, as a function: the crawl's worker processes
+    inherit the patch and append to a file, since a list in this process would stay empty."""
+    log = tmp_path / "opened.txt"
     for fmt, reader in READERS.items():
         original = reader.inspect
 
         def counting(path, _original=original, _fmt=fmt):
-            opened.append(path.name)
+            with open(log, "a") as out:
+                out.write(path.name + "\n")
             return _original(path)
 
         monkeypatch.setattr(reader, "inspect", counting)
-    return opened
+    return lambda: log.read_text().split() if log.exists() else []
 
 
 def test_incremental_recrawl(tmp_path, monkeypatch):
@@ -222,15 +225,15 @@ def test_incremental_recrawl(tmp_path, monkeypatch):
     demo.write_grid_csv(data / "grid_a.csv", n_rows=35, seed=1)  # changed
     (data / "grid_b.parquet").unlink()  # deleted
     demo.write_grid_csv(data / "sub" / "grid_e.csv", n_rows=5)  # new
-    opened = _count_inspections(monkeypatch)
+    opened = _count_inspections(monkeypatch, tmp_path)
     second = _rows(crawl(cfg))
-    assert sorted(opened) == ["grid_a.csv", "grid_e.csv"]  # unchanged files are not reopened
+    assert sorted(opened()) == ["grid_a.csv", "grid_e.csv"]  # unchanged files are not reopened
     assert sorted(second) == ["MHD_c.h5", "grid_a.csv", "sub/grid_e.csv", "wafer_d.nc"]
     assert second["grid_a.csv"].n_samples == 35 and second["sub/grid_e.csv"].n_samples == 5
     assert second["MHD_c.h5"] == first["MHD_c.h5"] and second["wafer_d.nc"] == first["wafer_d.nc"]
 
-    opened.clear()
-    assert _rows(crawl(cfg)) == second and opened == []
+    (tmp_path / "opened.txt").unlink()
+    assert _rows(crawl(cfg)) == second and opened() == []
 
 
 def test_changed_capsules_recrawl_every_file(tmp_path, monkeypatch):
@@ -243,9 +246,9 @@ def test_changed_capsules_recrawl_every_file(tmp_path, monkeypatch):
         extractor: table
         variables: [x]
     """)
-    opened = _count_inspections(monkeypatch)
+    opened = _count_inspections(monkeypatch, tmp_path)
     crawl(_cfg(data, tmp_path / "out", extra_dirs=[conf]))
-    assert opened == ["grid_a.csv"]
+    assert opened() == ["grid_a.csv"]
 
 
 def test_interrupted_crawl_keeps_the_previous_manifest(tmp_path, monkeypatch):
@@ -275,22 +278,24 @@ def test_recrawl_resumes_from_the_last_checkpoint(tmp_path, monkeypatch):
         demo.write_grid_csv(data / f"grid_{i}.csv", n_rows=10, seed=i)
     cfg = _cfg(data, tmp_path / "out", "crawl.checkpoint_s=0", "crawl.workers=1")
     monkeypatch.setattr(crawl_module, "CHUNK_FILES", 1)
-    identify, calls = crawl_module.identify, []
+    identify, called = crawl_module.identify, tmp_path / "called.txt"
 
-    def dies_on_the_third_file(root, found, rules):
-        calls.append(found.relpath)
-        if len(calls) == 3:
+    def dies_on_the_third_file(root, found, rules):  # in the worker process: it logs to a file
+        with open(called, "a") as out:
+            out.write(found.relpath + "\n")
+        if len(called.read_text().split()) == 3:
             raise KeyboardInterrupt
         return identify(root, found, rules)
 
     monkeypatch.setattr(crawl_module, "identify", dies_on_the_third_file)
     with pytest.raises(KeyboardInterrupt):
         crawl(cfg)
+    calls = called.read_text().split()
     assert [e.path for e in read_manifest(tmp_path / "out" / "index").entries()] == calls[:2]
     monkeypatch.setattr(crawl_module, "identify", identify)
-    opened = _count_inspections(monkeypatch)
+    opened = _count_inspections(monkeypatch, tmp_path)
     assert len(crawl(cfg)) == 5
-    assert sorted(opened) == sorted(f"grid_{i}.csv" for i in range(5) if f"grid_{i}.csv" not in calls[:2])
+    assert sorted(opened()) == sorted(f"grid_{i}.csv" for i in range(5) if f"grid_{i}.csv" not in calls[:2])
 
 
 def test_a_file_that_kills_its_reader_process_gets_an_error(tmp_path, monkeypatch):

@@ -300,20 +300,16 @@ def test_a_reader_crash_in_a_crawl_worker_becomes_an_error_row(tmp_path):
     assert all(rows[f"grid_{k}.parquet"] is None for k in range(3))
 
 
-@pytest.mark.xfail(strict=True, reason="OPEN (crawl): with crawl.workers=1, or few files to inspect "
-                   "(one chunk of 64), inspection runs in the crawl's own process, so a reader "
-                   "crash (libhdf5 segfaults on some damaged files) kills the crawl")
 def test_a_reader_crash_in_a_small_crawl_becomes_an_error_row(tmp_path):
     rows = crawl_where_a_reader_dies(tmp_path, "crash", 64)  # default workers, one chunk
     assert rows["MHD_bad.h5"] == "unreadable: the reader crashed on this file"
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=subprocess.TimeoutExpired, reason="OPEN (crawl): no time limit "
-                   "per file, so a reader that never returns (libhdf5 on some damaged files) stops the crawl")
 def test_a_reader_that_never_returns_becomes_an_error_row(tmp_path):
-    rows = crawl_where_a_reader_dies(tmp_path, "hang", 1, "crawl.workers=2", timeout=60)
-    assert rows["MHD_bad.h5"] is not None and rows["grid_0.parquet"] is None
+    rows = crawl_where_a_reader_dies(tmp_path, "hang", 1, "crawl.workers=2", "crawl.file_timeout_s=5", timeout=60)
+    assert rows["MHD_bad.h5"] == "unreadable: the reader did not finish within 5 s"
+    assert all(rows[f"grid_{k}.parquet"] is None for k in range(3))
 
 
 # --------------------------------------------------------------------------- faults after the crawl

@@ -19,8 +19,9 @@ import multiprocessing
 import os
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -151,8 +152,9 @@ def identify(root: str, found: FoundFile, rules: list[_Rules]) -> ManifestEntry:
 # for most of it: h5py serialises every call behind one global lock, and our NetCDF reader
 # another (netCDF-C is not thread-safe). So threads stay at about one core. Measured on the
 # 10k-small-file bench tree: ~1,450-1,900 files per CPU second (about half of it in HDF5), so
-# 2,000 files/s on 2 cores needs both cores: two processes. A worker crashing on a file costs
-# that file an error, not the crawl (see `_Inspection._isolate`).
+# 2,000 files/s on 2 cores needs both cores: two processes. Even one worker is a process of its
+# own (forking costs milliseconds): a reader crashing or hanging on a file then costs that file
+# an error row, not the crawl (see `_Inspection._isolate`).
 # The progress bar refreshes from this thread rather than its own, so that workers are never
 # forked while a thread of ours holds a lock (stdout's, say) the child would inherit held.
 _worker_rules: list[_Rules] = []
@@ -176,8 +178,8 @@ class _Inspection:
     """Rows for the files to (re-)inspect, with progress and periodic checkpoints."""
 
     def __init__(self, root: str, todo: list[FoundFile], rules: list[_Rules], progress: Progress,
-                 checkpoint: Callable[[list[ManifestEntry]], object], checkpoint_s: float):
-        self.root, self.todo, self.rules = root, todo, rules
+                 checkpoint: Callable[[list[ManifestEntry]], object], checkpoint_s: float, file_timeout_s: float):
+        self.root, self.todo, self.rules, self.timeout_s = root, todo, rules, file_timeout_s
         self.progress, self.checkpoint, self.checkpoint_s = progress, checkpoint, checkpoint_s
         self.task = progress.add_task("crawl", total=len(todo), rate=0.0, size=decimal(0))
         self.entries: list[ManifestEntry] = []
@@ -197,16 +199,12 @@ class _Inspection:
             self.last_checkpoint = time.perf_counter()
 
     def run(self, workers: int | None) -> list[ManifestEntry]:
-        """Inline for one worker or few files, else in `workers` processes (default: one per CPU)."""
-        chunks = [self.todo[i : i + CHUNK_FILES] for i in range(0, len(self.todo), CHUNK_FILES)]
-        n_procs = min(workers or cpu_count(), len(chunks))
-        if n_procs <= 1:
-            _init_worker(self.rules)
-            for chunk in chunks:
-                self.advance(_identify_chunk(self.root, chunk))
-        else:
+        """In `workers` processes (default: one per CPU; fewer for few files)."""
+        chunks = deque(self.todo[i : i + CHUNK_FILES] for i in range(0, len(self.todo), CHUNK_FILES))
+        n_procs = max(1, min(workers or cpu_count(), len(chunks)))
+        while chunks:
             suspects = self._pool(chunks, n_procs)
-            while suspects:  # a file crashed a worker (a reader's segfault): isolate it
+            while suspects:  # a file crashed a worker (a reader's segfault) or hung it: isolate it
                 suspects = self._isolate(suspects)
         return self.entries
 
@@ -215,36 +213,65 @@ class _Inspection:
         return ProcessPoolExecutor(n_procs, mp_context=context, initializer=_init_worker,
                                    initargs=(self.rules,))
 
-    def _pool(self, chunks: list[list[FoundFile]], n_procs: int) -> list[FoundFile]:
-        """Run the chunks; return the files of those lost to a crashed worker."""
-        lost, futures = [], {}
+    def _pool(self, chunks: deque[list[FoundFile]], n_procs: int) -> list[FoundFile]:
+        """Run chunks off the queue, two per worker in flight, until it is empty or a worker is
+        lost; return the files of the chunks in flight when a worker crashed, or when none of
+        them finished within the time limit (a hung reader, or 64 very slow files: the
+        isolation then gives each file the limit of its own)."""
+        running: dict = {}  # future -> chunk, in the order submitted
         with self._executor(n_procs) as pool:
-            for chunk in chunks:
+            while running or chunks:
                 try:
-                    futures[pool.submit(_identify_chunk, self.root, chunk)] = chunk
-                except BrokenProcessPool:  # a worker crashed while the chunks were handed out
-                    lost.extend(chunk)
-            for future in as_completed(futures):
-                try:
-                    self.advance(future.result())
-                except BrokenProcessPool:
-                    lost.extend(futures[future])
-        return lost
+                    while chunks and len(running) < 2 * n_procs:
+                        future = pool.submit(_identify_chunk, self.root, chunks[0])
+                        running[future] = chunks.popleft()
+                except BrokenProcessPool:  # a crash shows in the futures below
+                    if not running:  # a worker that died before any file: no file to blame
+                        raise
+                done, _ = wait(running, self.timeout_s, return_when=FIRST_COMPLETED)
+                if not done:
+                    _stop(pool)
+                    return [found for chunk in running.values() for found in chunk]
+                lost = []
+                for future in [f for f in running if f in done]:  # in order: checkpoints stay a prefix
+                    try:
+                        self.advance(future.result())
+                    except BrokenProcessPool:
+                        lost.extend(running[future])
+                    del running[future]
+                if lost:  # the pool is broken: every chunk still in flight fails or has finished
+                    for future, chunk in running.items():
+                        try:
+                            self.advance(future.result())
+                        except BrokenProcessPool:
+                            lost.extend(chunk)
+                    return lost
+        return []
 
     def _isolate(self, suspects: list[FoundFile]) -> list[FoundFile]:
-        """One worker, one file per task, one task at a time: the first lost task is the culprit
-        (the files after it are returned to try again in a fresh worker)."""
+        """One worker, one file per task, one task at a time, each within the time limit: the
+        first file that crashes the worker or outlasts the limit is the culprit (the files after
+        it are returned to try again in a fresh worker)."""
         with self._executor(1) as pool:
             for i, found in enumerate(suspects):
                 try:
-                    self.advance(pool.submit(_identify_chunk, self.root, [found]).result())
+                    self.advance(pool.submit(_identify_chunk, self.root, [found]).result(self.timeout_s))
+                    continue
                 except BrokenProcessPool:
-                    culprit = found
-                    log.warning("%s crashed a reader process", culprit.relpath)
-                    self.advance([ManifestEntry(culprit.relpath, culprit.size, culprit.mtime_ns,
-                                                error="unreadable: the reader crashed on this file")])
-                    return suspects[i + 1 :]
+                    reason = "the reader crashed on this file"
+                except TimeoutError:
+                    _stop(pool)
+                    reason = f"the reader did not finish within {self.timeout_s:g} s"
+                log.warning("%s: %s", found.relpath, reason)
+                self.advance([ManifestEntry(found.relpath, found.size, found.mtime_ns, error=f"unreadable: {reason}")])
+                return suspects[i + 1 :]
         return []
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Kill the pool's workers: one is stuck in a library call that may never return."""
+    for process in list(pool._processes.values()):  # no public way before Python 3.14
+        process.kill()
 
 
 def _previous(index_dir: Path, root: Path, fingerprint: str) -> Manifest | None:
@@ -368,7 +395,8 @@ def crawl(cfg: DictConfig) -> Manifest:
     rules = [_Rules.of(c) for c in capsules.values()]
     with _progress(cfg.crawl.progress and bool(update.todo)) as progress:
         inspection = _Inspection(str(root), update.todo, rules, progress, checkpoint_s=cfg.crawl.checkpoint_s,
-                                 checkpoint=lambda rows: write_manifest(update.assemble(rows), index_dir))
+                                 checkpoint=lambda rows: write_manifest(update.assemble(rows), index_dir),
+                                 file_timeout_s=cfg.crawl.file_timeout_s)
         fresh = inspection.run(cfg.crawl.workers)
     manifest = update.assemble(fresh)
     n_dropped = update.table.num_rows - len(update.kept) - len(update.stale)
