@@ -127,30 +127,31 @@ POINTS = {
 }
 
 
+def _cases(device: torch.device, quick: bool, **extra: Any) -> dict[str, dict[str, Any]]:
+    """k = 1 and k = 64 energies beside the forward pass, for the grid and fusion models."""
+    results = {}
+    for name in ("grid", "fusion"):
+        state, kwargs = _case(name, quick)
+        vae, grid = _model(state, kwargs, device)
+        for k in KS:
+            points = POINTS[name, k, device.type][quick]
+            results[f"{name}_k{k}_{'gpu' if device.type == 'cuda' else 'cpu'}"] = {
+                **_compare(vae, grid, points, k, device), **extra}
+    return results
+
+
 def run(args: Any) -> dict[str, dict[str, Any]]:
-    results: dict[str, dict[str, Any]] = {}
     threads = torch.get_num_threads()
-    cpu = torch.device("cpu")
     torch.set_num_threads(1)
     try:
-        for name in ("grid", "fusion"):
-            state, kwargs = _case(name, args.quick)
-            vae, grid = _model(state, kwargs, cpu)
-            for k in KS:
-                results[f"{name}_k{k}_cpu"] = {
-                    **_compare(vae, grid, POINTS[name, k, "cpu"][args.quick], k, cpu), "threads": 1}
+        results = _cases(torch.device("cpu"), args.quick, threads=1)
     finally:
         torch.set_num_threads(threads)
 
     if args.gpu and torch.cuda.is_available():
         cuda = torch.device("cuda")
         gpu_name = torch.cuda.get_device_name(cuda)
-        for name in ("grid", "fusion"):
-            state, kwargs = _case(name, args.quick)
-            vae, grid = _model(state, kwargs, cuda)
-            for k in KS:
-                results[f"{name}_k{k}_gpu"] = {
-                    **_compare(vae, grid, POINTS[name, k, "cuda"][args.quick], k, cuda), "gpu": gpu_name}
+        results.update(_cases(cuda, args.quick, gpu=gpu_name))
         vae, grid = _model(*_case("grid", False), cuda)
         chunk = chunk_points_for(vae, 64, cuda)
         batch = _decoder_batch(vae, grid, chunk, 64, chunk, cuda)
