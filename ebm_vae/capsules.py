@@ -52,6 +52,7 @@ def parse_capsule(data: Mapping[str, Any] | Any, source: str = "<config>") -> Ca
             f"{source}: capsule.units has {len(capsule.units)} entries for "
             f"{len(capsule.variables)} variables"
         )
+    _check_variable_keys(capsule, source)
     if not (capsule.match.name or capsule.match.attrs or capsule.match.columns):
         raise CapsuleError(f"{source}: capsule '{capsule.name}' has no match rule (match.name/attrs/columns)")
     from ebm_vae.data.extractors import EXTRACTORS  # the extractor registry validates its params
@@ -61,6 +62,26 @@ def parse_capsule(data: Mapping[str, Any] | Any, source: str = "<config>") -> Ca
             f"{source}: capsule.extractor '{capsule.extractor}' is unknown; known: {sorted(EXTRACTORS)}"
         )
     return capsule
+
+
+def _check_variable_keys(capsule: CapsuleConfig, source: str) -> None:
+    """`columns` and `bounds` name variables; bounds are [lo, hi] numbers or null, lo < hi."""
+    for key in ("columns", "bounds"):
+        unknown = [name for name in getattr(capsule, key) if name not in capsule.variables]
+        if unknown:
+            raise CapsuleError(f"{source}: invalid capsule key '{key}.{unknown[0]}': not one of the "
+                               f"capsule's variables {list(capsule.variables)}")
+    if capsule.csv.skip_rows < 0:
+        raise CapsuleError(f"{source}: invalid capsule key 'csv.skip_rows': must be >= 0")
+    for name, pair in capsule.bounds.items():
+        try:
+            lo, hi = (None if v is None else float(v) for v in pair)
+        except (TypeError, ValueError):
+            raise CapsuleError(f"{source}: invalid capsule key 'bounds.{name}': expected [lo, hi] "
+                               f"numbers or null, got {pair}") from None
+        if lo is None and hi is None or (lo is not None and hi is not None and not lo < hi):
+            raise CapsuleError(f"{source}: invalid capsule key 'bounds.{name}': {pair} is not a "
+                               "bound (need lo < hi, at most one of them null)")
 
 
 def load_capsule_file(path: str | Path) -> CapsuleConfig:

@@ -93,6 +93,19 @@ class MatchConfig:
 
 
 @dataclass
+class LogConfig:
+    """How a text log of the capsule parses: one record per line."""
+
+    pattern: str | None = None  # regex, named groups = variables; None = key=value tokens
+    timestamp_format: str | None = None  # strptime format of a `timestamp` group, if any
+
+
+@dataclass
+class CsvConfig:
+    skip_rows: int = 0  # lines above the header (e.g. a station line)
+
+
+@dataclass
 class CapsuleConfig:
     """One physics domain. User capsules are YAML files in `<config-dir>/capsule/NAME.yaml`."""
 
@@ -103,6 +116,11 @@ class CapsuleConfig:
     units: list[str] = field(default_factory=list)
     formats: list[str] = field(default_factory=list)  # empty = whatever the extractor reads
     params: dict[str, Any] = field(default_factory=dict)  # extractor parameters
+    log: LogConfig = field(default_factory=LogConfig)
+    csv: CsvConfig = field(default_factory=CsvConfig)
+    columns: dict[str, str] = field(default_factory=dict)  # variable -> column/variable as written
+    # variable -> [lo, hi] physical support (null = unbounded on that side); E = +inf outside
+    bounds: dict[str, list[Any]] = field(default_factory=dict)
 
 
 _store = ConfigStore.instance()

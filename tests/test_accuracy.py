@@ -55,8 +55,8 @@ def train_vae(samples: np.ndarray, steps: int, ckpt_path) -> VAE:
     vae = VAE(vector_state(samples.shape[1]).to_dict(), capsule={"name": "toy"}, hidden=128,
               n_layers=2, lr=2e-3)
     vae.set_normalization(SampleStats(samples))
-    z = vae.standardize(torch.as_tensor(samples, dtype=torch.float32))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(z), batch_size=512, shuffle=True,
+    x = torch.as_tensor(samples, dtype=torch.float32)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=512, shuffle=True,
                                          generator=torch.Generator().manual_seed(0))
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)

@@ -39,7 +39,8 @@ from ebm_vae.crawl.crawl import crawl, summarize
 from ebm_vae.crawl.manifest import read_manifest
 from ebm_vae.data.extractors import EXTRACTORS
 from ebm_vae.data.stats import Stats, run_stats_pass
-from ebm_vae.data.stream import StateStream, make_units
+from ebm_vae.data.stream import StateStream
+from ebm_vae.data.units import make_units
 from ebm_vae.energy.grid import GridError
 from ebm_vae.energy.mapfile import EnergyMapError
 from ebm_vae.energy.model import CheckpointError, load_vae
@@ -241,8 +242,8 @@ def test_nan_inf_and_absurd_values_are_counted_at_every_stage_and_never_used(fau
 
     extractor = EXTRACTORS["grid"](visible_capsules()["grid"])
     units = make_units(manifest.usable("grid"), extractor, grid.state_info, 64, 1 << 20)
-    stream = StateStream(units, extractor, grid, manifest.root, batch_size=1000, train=False)
-    states = np.concatenate(list(stream.iter_share(0, 1, 0, 1))) * grid.std + grid.mean
+    stream = StateStream(units, extractor, grid.state_info, manifest.root, batch_size=1000, train=False)
+    states = np.concatenate(list(stream.iter_share(0, 1, 0, 1)))  # physical units
     assert len(states) == grid.count and np.isfinite(states).all()
     assert stream.dropped == 13 and stream.skipped == {}  # 5 junk + 4 + 4 extreme rows
     assert np.any(np.all(np.isclose(states, [50.1, 0.2], atol=1e-4), axis=1))  # the latin-1 file
@@ -364,9 +365,9 @@ def test_files_changed_deleted_or_corrupt_after_the_crawl_are_skipped_at_every_s
     caplog.clear()
     extractor = EXTRACTORS["grid"](capsules["grid"])
     units = make_units(manifest.usable("grid"), extractor, grid.state_info, 16, 1 << 20)
-    stream = StateStream(units, extractor, grid, data, batch_size=50, train=False)
+    stream = StateStream(units, extractor, grid.state_info, data, batch_size=50, train=False)
     with caplog.at_level(logging.WARNING):
-        states = np.concatenate(list(stream.iter_share(0, 1, 0, 1))) * grid.std + grid.mean
+        states = np.concatenate(list(stream.iter_share(0, 1, 0, 1)))  # physical units
     assert set(stream.skipped) == set(AFTER_CRAWL)
     assert all(reason in stream.skipped[path] for path, reason in AFTER_CRAWL.items())
     for path in AFTER_CRAWL:  # once per file, not once per work unit

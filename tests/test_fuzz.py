@@ -40,7 +40,7 @@ from ebm_vae.data.extractors import EXTRACTORS, ExtractError
 from ebm_vae.data.extractors.grid import PHASE_LIMIT
 from ebm_vae.data.readers import READERS, ReadError
 from ebm_vae.data.readers.base import ArrayHandle
-from ebm_vae.data.stream import WorkUnit, entry_plan, read_unit
+from ebm_vae.data.units import WorkUnit, entry_plan, read_unit
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 CHILD_TIMEOUT_S = 30.0

@@ -154,9 +154,9 @@ def test_trained_model_reaches_the_entropy_of_a_correlated_gaussian():
     state = StateInfo("vector", (2,), ("frequency", "phase_angle"), ("Hz", "rad")).to_dict()
     model = VAE(state, hidden=64, lr=3e-3, val_k=256)
     model.set_normalization(SimpleNamespace(mean=mean, std=std, pca=None))
-    z = model.standardize(torch.from_numpy(x_phys))
-    train = DataLoader(TensorDataset(z[:100_000]), batch_size=512, shuffle=True)
-    val = DataLoader(TensorDataset(z[100_000:]), batch_size=4_000)
+    x = torch.from_numpy(x_phys)  # batches in physical units: the model z-scores them
+    train = DataLoader(TensorDataset(x[:100_000]), batch_size=512, shuffle=True)
+    val = DataLoader(TensorDataset(x[100_000:]), batch_size=4_000)
     trainer = L.Trainer(max_steps=400, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, accelerator="cpu", callbacks=[ValidateAtEnd()])

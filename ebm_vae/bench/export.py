@@ -80,9 +80,9 @@ def _energy(vae: VAE, grid: StateGrid, n_points: int, k: int, chunk: int, device
 def _forward(vae: VAE, grid: StateGrid, n_points: int, chunk: int, device: torch.device) -> None:
     """The baseline: the same grid states and z-scoring, encoder then decoder at the mean."""
     for start in range(0, n_points, chunk):
-        z = vae.standardize(torch.as_tensor(grid.states(start, min(n_points, start + chunk)),
-                                            dtype=torch.float32, device=device))
-        vae.decode(vae.encode(z)[0])
+        x = torch.as_tensor(grid.states(start, min(n_points, start + chunk)), dtype=torch.float32,
+                            device=device)
+        vae.decode(vae.encode(vae.transformed(x)[0])[0])
 
 
 def _decoder_batch(vae: VAE, grid: StateGrid, n_points: int, k: int, chunk: int, device: torch.device) -> int:

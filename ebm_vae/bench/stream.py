@@ -39,7 +39,8 @@ from ebm_vae.config import compose
 from ebm_vae.crawl.crawl import crawl
 from ebm_vae.data.extractors import EXTRACTORS
 from ebm_vae.data.stats import Stats
-from ebm_vae.data.stream import StateStream, WorkUnit, chunk_samples, make_units
+from ebm_vae.data.stream import StateStream
+from ebm_vae.data.units import WorkUnit, chunk_samples, make_units
 
 REPEATS = 3
 GRID_COLUMNS = ["frequency", "phase_angle"]
@@ -171,7 +172,7 @@ def _measure(fmt: str, manifest: Any, index: Path,
     entries = [e for e in manifest.usable(name) if e.format == fmt]
     units = make_units(entries, extractor, stats.state_info, data.unit_samples, 1 << 40)
     chunk = chunk_samples(stats.state_info, data.chunk_bytes)
-    stream = StateStream(units, extractor, stats, manifest.root, batch_size, seed=0,
+    stream = StateStream(units, extractor, stats.state_info, manifest.root, batch_size, seed=0,
                          shuffle_buffer=data.shuffle_buffer,
                          shuffle_buffer_bytes=data.shuffle_buffer_bytes, chunk_bytes=data.chunk_bytes)
     dim = stats.state_info.dim

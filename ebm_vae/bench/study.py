@@ -190,7 +190,7 @@ class CosineLR(L.Callback):
 
 
 def train_vae(x: np.ndarray, plan: StudyPlan, seed: int, name: str = "study") -> VAE:
-    """The project's VAE, trained by a Lightning Trainer on the z-scored states, fixed steps."""
+    """The project's VAE, trained by a Lightning Trainer on the states (it z-scores them), fixed steps."""
     dim = x.shape[1]
     state = StateInfo(kind="vector", shape=(dim,), names=tuple(f"x{i}" for i in range(dim)),
                       units=("1",) * dim)
@@ -199,7 +199,7 @@ def train_vae(x: np.ndarray, plan: StudyPlan, seed: int, name: str = "study") ->
               arch="mlp", latent_dim=plan.latent_dim, hidden=plan.hidden, n_layers=plan.n_layers,
               lr=plan.lr)
     vae.set_normalization(SimpleNamespace(mean=x.mean(axis=0), std=x.std(axis=0)))
-    states = vae.standardize(torch.as_tensor(x, dtype=torch.float32))
+    states = torch.as_tensor(x, dtype=torch.float32)
     batches = torch.utils.data.DataLoader(RandomBatches(states, plan.batch_size, plan.steps, seed),
                                           batch_size=None)
     with quiet_lightning():

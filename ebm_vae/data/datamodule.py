@@ -21,7 +21,8 @@ from ebm_vae.config import CapsuleConfig
 from ebm_vae.crawl.manifest import Manifest, read_manifest
 from ebm_vae.data.extractors import EXTRACTORS, StateInfo
 from ebm_vae.data.stats import Stats, run_stats_pass
-from ebm_vae.data.stream import StateStream, make_units, split_train_val, stream_args
+from ebm_vae.data.stream import StateStream, split_train_val, stream_args
+from ebm_vae.data.units import make_units
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class CapsuleDataModule(L.LightningDataModule):
         return self.stats.state_info
 
     def stream(self, train: bool) -> StateStream:
-        return StateStream(self.train_units if train else self.val_units, self.extractor, self.stats,
+        return StateStream(self.train_units if train else self.val_units, self.extractor, self.state,
                            self.root, train=train, **stream_args(self.cfg))
 
     def _loader(self, train: bool) -> StreamLoader:

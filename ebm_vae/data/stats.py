@@ -25,7 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from ebm_vae.config import CapsuleConfig
 from ebm_vae.data.extractors import EXTRACTORS, StateInfo
 from ebm_vae.data.readers.base import one_line
-from ebm_vae.data.stream import WorkUnit, chunk_samples, entry_plan, read_unit
+from ebm_vae.data.units import WorkUnit, chunk_samples, entry_plan, read_unit
 from ebm_vae.io import atomic_write_json
 
 log = logging.getLogger(__name__)

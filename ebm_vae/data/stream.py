@@ -1,10 +1,10 @@
-"""The stream of normalised states: work units, their split over ranks and workers, StateStream.
+"""The stream of physical states: the split of work units over ranks and workers, StateStream.
 
-A work unit is a range [start, stop) of one file's extent (rows/snapshots, or bytes for CSV)
-of bounded size; a file planned `whole_file` (a derived phase) is one unit. Units are split
-into train and validation by a hash of (path, start), so the split of existing units does not
-change when files are added. Files are opened only inside the process that reads them (after
-the DataLoader's fork), a unit at a time, and read chunk by chunk through the extractor.
+Units (`ebm_vae.data.units`) are split into train and validation by a hash of (path, start),
+so the split of existing units does not change when files are added. Files are opened only
+inside the process that reads them (after the DataLoader's fork), a unit at a time, and read
+chunk by chunk through the extractor. Batches hold states in their physical units: the model
+owns its normalisation (`ebm_vae.model.transforms`), on whatever device it runs.
 """
 
 from __future__ import annotations
@@ -14,82 +14,20 @@ import heapq
 import itertools
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ebm_vae.data.extractors import Extractor, FilePlan, StateInfo
-from ebm_vae.data.readers import READERS, FileInfo
+from ebm_vae.data.extractors import Extractor, StateInfo
 from ebm_vae.data.readers.base import one_line
-
-if TYPE_CHECKING:
-    from ebm_vae.crawl.manifest import ManifestEntry
-    from ebm_vae.data.stats import Stats
+from ebm_vae.data.units import OpenFiles, WorkUnit, chunk_samples, read_unit
 
 log = logging.getLogger(__name__)
-
-TABLE_FORMATS = ("csv", "parquet")
-
-
-class ChangedFile(Exception):
-    """A file whose size or mtime differs from the manifest: the crawl's plan no longer holds."""
-
-
-@dataclass(frozen=True)
-class WorkUnit:
-    path: str  # relative to the data root, as in the manifest
-    start: int
-    stop: int
-    plan: FilePlan
-    format: str
-    size: int  # the file's size and mtime at crawl time, checked before reading
-    mtime_ns: int
-
-    @property
-    def n_samples(self) -> int:
-        """Samples in [start, stop): exact for rows/snapshots; for CSV byte ranges a
-        proportional share of the file's samples (the shares of a file sum to its total)."""
-        n, extent = self.plan.n_samples, self.plan.extent
-        return n * self.stop // extent - n * self.start // extent if extent else 0
-
-    @classmethod
-    def whole(cls, entry: ManifestEntry, plan: FilePlan) -> WorkUnit:
-        return cls(entry.path, 0, plan.extent, plan, entry.format, entry.size, entry.mtime_ns)
-
-
-def entry_plan(extractor: Extractor, entry: ManifestEntry) -> FilePlan:
-    """The extractor's plan for a manifest row, from the metadata the manifest keeps."""
-    n_rows = entry.variables[0].shape[0] if entry.format in TABLE_FORMATS and entry.variables else None
-    info = FileInfo(format=entry.format, attrs={}, variables=list(entry.variables), n_rows=n_rows,
-                    extent=entry.extent)
-    return extractor.plan(info)
-
-
-def make_units(entries: Iterable[ManifestEntry], extractor: Extractor, state: StateInfo,
-               unit_samples: int, unit_bytes: int) -> list[WorkUnit]:
-    """Work units of the files whose state is `state` (others are skipped with a warning)."""
-    units = []
-    for entry in entries:
-        try:
-            plan = entry_plan(extractor, entry)
-        except Exception as exc:  # a row the current capsule config cannot plan
-            log.warning("skipping %s: %s", entry.path, one_line(exc))
-            continue
-        if plan.state != state:
-            log.warning("skipping %s: state shape %s differs from the statistics' %s",
-                        entry.path, plan.state.shape, state.shape)
-            continue
-        step = plan.extent if plan.whole_file else (unit_bytes if entry.format == "csv" else unit_samples)
-        for start in range(0, plan.extent, max(1, step)):
-            units.append(WorkUnit(entry.path, start, min(plan.extent, start + step), plan,
-                                  entry.format, entry.size, entry.mtime_ns))
-    return units
 
 
 def _unit_hash(unit: WorkUnit) -> float:
@@ -139,93 +77,11 @@ def split_units(units: Sequence[WorkUnit], rank: int, world: int, worker: int,
     return mine
 
 
-def chunk_samples(state: StateInfo, chunk_bytes: int) -> int:
-    """Samples per extractor read so that one chunk of float32 states is about `chunk_bytes`."""
-    return max(1, chunk_bytes // (4 * state.dim))
-
-
-def read_unit(extractor: Extractor, root: Path, unit: WorkUnit, chunk: int,
-              files: OpenFiles | None = None) -> Iterator[np.ndarray]:
-    """The states of one unit, chunk by chunk; raises for a missing, changed or unreadable file.
-
-    With `files`, the handle comes from (and stays in) that cache of open files."""
-    path = Path(root) / unit.path
-    st = path.stat()
-    if (st.st_size, st.st_mtime_ns) != (unit.size, unit.mtime_ns):
-        raise ChangedFile(f"changed since the crawl (size {unit.size} -> {st.st_size}, "
-                          f"mtime_ns {unit.mtime_ns} -> {st.st_mtime_ns}); re-run ebm-vae-crawl")
-    if files is None:
-        with READERS[unit.format].open(path) as handle:
-            yield from extractor.iter_states(handle, unit.plan, unit.start, unit.stop, chunk)
-        return
-    try:
-        yield from extractor.iter_states(files.open(path, unit.format), unit.plan, unit.start,
-                                         unit.stop, chunk)
-    except Exception:
-        files.discard(path)
-        raise
-
-
-class OpenFiles:
-    """The most recently read files of one pass, kept open (per worker process, never across
-    a fork). A file's work units come back in every pass, and opening costs more than a
-    small unit's read: ~1.7 ms for an HDF5 file (its object walk), as much as reading ten
-    3 x 64 x 64 field states. With more files than `size` this degrades to one open per unit."""
-
-    def __init__(self, size: int = 16):
-        self.size = size
-        self.handles: OrderedDict[Path, Any] = OrderedDict()
-
-    def open(self, path: Path, fmt: str) -> Any:
-        handle = self.handles.pop(path, None)
-        if handle is None:
-            if len(self.handles) >= self.size:
-                self.handles.popitem(last=False)[1].close()
-            handle = READERS[fmt].open(path)
-        self.handles[path] = handle
-        return handle
-
-    def discard(self, path: Path) -> None:
-        handle = self.handles.pop(path, None)
-        if handle is not None:
-            handle.close()
-
-    def close(self) -> None:
-        while self.handles:
-            self.handles.popitem()[1].close()
-
-
-class ZScore:
-    """(x - mean) / std over (n, D) float32 states, in place or into a new array.
-
-    Works a block of `rows` rows (~64K values, 256 KB) at a time: the block is still in cache
-    for the multiply after the subtract, and numpy's inner loop runs over the whole block
-    (broadcasting over a short last axis, D = 2, is an order of magnitude slower).
-    """
-
-    BLOCK_VALUES = 1 << 16
-
-    def __init__(self, mean: np.ndarray, std: np.ndarray):
-        self.rows = max(1, self.BLOCK_VALUES // len(mean))
-        self.mean = np.tile(mean.astype(np.float32), self.rows)
-        self.inv_std = np.tile((1.0 / std).astype(np.float32), self.rows)
-
-    def __call__(self, states: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        out = np.empty_like(states) if out is None else out
-        src, dst = states.reshape(-1), out.reshape(-1)
-        block = len(self.mean)
-        for start in range(0, len(src), block):
-            s, d = src[start : start + block], dst[start : start + block]
-            np.subtract(s, self.mean[: len(s)], out=d)
-            np.multiply(d, self.inv_std[: len(s)], out=d)
-        return out
-
-
 class ShuffleBuffer:
     """At most `capacity` states in fixed slots; batches are drawn without replacement.
 
-    When the buffer is full, three quarters of it (whole batches, at least one) go out,
-    z-scored, and the freed slots take the next states, so memory is `capacity` states
+    When the buffer is full, three quarters of it (whole batches, at least one) go out and
+    the freed slots take the next states, so memory is `capacity` states
     whatever the file size. The randomness is in where states are put, not in a fresh
     permutation per draw (which cost more than reading Parquet): the first fill writes the
     arriving states to a random permutation of the slots, each refill writes them to the freed
@@ -241,7 +97,7 @@ class ShuffleBuffer:
     """
 
     def __init__(self, capacity: int, batch_size: int, dim: int, rng: np.random.Generator,
-                 zscore: ZScore, storage: np.ndarray | None = None):
+                 storage: np.ndarray | None = None):
         """`storage`: a (>= capacity, dim) float32 array to reuse; the first writes to fresh
         memory page-fault, which for a 256 MB buffer costs as much as an epoch of small files."""
         self.capacity = max(capacity, batch_size)
@@ -255,14 +111,13 @@ class ShuffleBuffer:
         self.refill = rng.permutation(self.draw_batches * batch_size)  # offsets in a drawn run
         self._refill_slots = np.empty_like(self.refill)
         self.rng = rng
-        self.zscore = zscore
 
     @property
     def size(self) -> int:
         return self.capacity - len(self.free)
 
     def push(self, states: np.ndarray) -> Iterator[np.ndarray]:
-        """Add (n, D) float32 states; yield z-scored batches each time the buffer fills."""
+        """Add (n, D) float32 states; yield batches each time the buffer fills."""
         pos = 0
         while pos < len(states):
             take = min(len(self.free), len(states) - pos)
@@ -292,11 +147,11 @@ class ShuffleBuffer:
                                  out=self._refill_slots)
 
     def _run(self, first: int) -> np.ndarray:
-        """One z-scored batch from the slots `first`, `first` + 1, ... (cyclically)."""
+        """One batch from the slots `first`, `first` + 1, ... (cyclically)."""
         out = np.empty((self.batch_size, self.data.shape[1]), dtype=np.float32)
         head = min(self.batch_size, self.capacity - first)
-        self.zscore(self.data[first : first + head], out=out[:head])
-        self.zscore(self.data[: self.batch_size - head], out=out[head:])
+        out[:head] = self.data[first : first + head]
+        out[head:] = self.data[: self.batch_size - head]
         return out
 
     def _draw_uniform(self, n_batches: int) -> Iterator[np.ndarray]:
@@ -310,15 +165,11 @@ class ShuffleBuffer:
         self.free = np.concatenate([self.free, picked])  # their states are out: slots reusable
 
     def _gather(self, slots: np.ndarray) -> np.ndarray:
-        """One z-scored batch. Allocated per batch, not per draw: allocations of a few MB are
-        recycled by malloc, while a draw-sized one (up to the whole buffer) would be mapped
-        fresh from the OS every time and page-fault on every write."""
+        """One batch. Allocated per batch, not per draw: allocations of a few MB are recycled
+        by malloc, while a draw-sized one (up to the whole buffer) would be mapped fresh from the
+        OS every time and page-fault on every write."""
         out = np.empty((len(slots), self.data.shape[1]), dtype=np.float32)
-        out_rows = out.view(self.rows.dtype).reshape(-1)
-        for start in range(0, len(slots), self.zscore.rows):  # z-score each block while cached
-            block = slice(start, start + self.zscore.rows)
-            np.take(self.rows, slots[block], out=out_rows[block])
-            self.zscore(out[block], out=out[block])
+        np.take(self.rows, slots, out=out.view(self.rows.dtype).reshape(-1))
         return out
 
 
@@ -345,7 +196,7 @@ def _distributed() -> tuple[int, int]:
 
 
 class StateStream(IterableDataset):
-    """Batches of z-scored float32 states (batch, *state.shape) from work units; use it with
+    """Batches of float32 states in physical units (batch, *state.shape) from work units; use it with
     `DataLoader(batch_size=None)`.
 
     Training (`train=True`): each epoch the units are permuted with a generator seeded by
@@ -371,7 +222,7 @@ class StateStream(IterableDataset):
     since the crawl (size/mtime) or unreadable is skipped with a one-line warning naming it.
     """
 
-    def __init__(self, units: Sequence[WorkUnit], extractor: Extractor, stats: Stats, root: str | Path,
+    def __init__(self, units: Sequence[WorkUnit], extractor: Extractor, state: StateInfo, root: str | Path,
                  batch_size: int, *, train: bool = True, seed: int = 0, shuffle_buffer: int = 65536,
                  shuffle_buffer_bytes: int = 256 << 20, chunk_bytes: int = 8 << 20,
                  batches_per_epoch: int | None = None,
@@ -379,7 +230,7 @@ class StateStream(IterableDataset):
         super().__init__()
         self.units = list(units)
         self.extractor = extractor
-        self.state = stats.state_info
+        self.state = state
         self.root = Path(root)
         self.batch_size = batch_size
         self.train = train
@@ -388,7 +239,6 @@ class StateStream(IterableDataset):
         self.chunk = chunk_samples(self.state, chunk_bytes)
         self.batches_per_epoch = batches_per_epoch
         self.rank, self.world = rank, world
-        self.zscore = ZScore(stats.mean, stats.std)
         # shared memory: persistent DataLoader workers see set_epoch made in the main process
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.n_samples = sum(u.n_samples for u in self.units)
@@ -435,7 +285,7 @@ class StateStream(IterableDataset):
         epoch = self.epoch
         if not self.train:
             mine = split_units(self.units, rank, world, worker, n_workers)
-            yield from _batched(map(self.zscore, self._states(mine)), self.batch_size)
+            yield from _batched(self._states(mine), self.batch_size)
             return
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
         units = [self.units[i] for i in order]
@@ -446,8 +296,7 @@ class StateStream(IterableDataset):
             return
         rng = np.random.default_rng([self.seed, epoch, rank, worker])
         storage, self._storage = self._storage, None  # reused across epochs, one iterator at a time
-        buffer = ShuffleBuffer(self.shuffle_buffer, self.batch_size, self.state.dim, rng, self.zscore,
-                               storage)
+        buffer = ShuffleBuffer(self.shuffle_buffer, self.batch_size, self.state.dim, rng, storage)
         batches = self._train_batches(mine, units, buffer)
         try:
             yield from itertools.islice(batches, budget)

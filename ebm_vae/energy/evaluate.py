@@ -1,9 +1,8 @@
-"""Chunked evaluation of a VAE's energy E(x) = -bound(z(x)) + log|det dz/dx| over physical states.
+"""Chunked evaluation of a VAE's energy E(x) = -log p(x) over physical states.
 
-The VAE's bound (ELBO for k = 1, importance-weighted bound for k > 1) is a log density of
-the z-scored state z = (x - mean) / std; adding the Jacobian sum(log std) turns it into
--log p(x) for the density in the physical units of x, so energies of runs with different
-statistics (or a histogram) share one absolute scale.
+`vae.log_prob` is the bound (ELBO for k = 1, importance-weighted bound for k > 1) of the
+density in the physical units of x, the transform's Jacobian included, so energies of runs
+with different statistics (or a histogram) share one absolute scale.
 
 Chunks are sized to the device's memory: the activations of one state's bound (k draws)
 are measured once (forward hooks on a one-state pass), and a chunk takes what fits in half
@@ -51,9 +50,9 @@ def activation_elements(vae, k: int = 1) -> int:
     leaves = [m for m in vae.modules() if not any(m.children())]
     hooks = [m.register_forward_hook(count) for m in leaves]
     try:
-        probe = torch.zeros(1, *vae.state_info.shape, device=vae.norm_mean.device)
+        probe = vae.norm_mean[None].clone()
         with torch.inference_mode():
-            vae.log_prob_bound(probe, k=k, generator=None)
+            vae.log_prob(probe, k=k, generator=None)
     finally:
         for hook in hooks:
             hook.remove()
@@ -87,7 +86,6 @@ def evaluate_energy(vae, states: Callable[[int, int], np.ndarray], n_points: int
     chunk = int(chunk_points or chunk_points_for(vae, k, device))
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))
-    log_jacobian = float(vae.log_jacobian)
     energy = np.empty(n_points, dtype=np.float64)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress) as bar, torch.inference_mode():
@@ -95,9 +93,9 @@ def evaluate_energy(vae, states: Callable[[int, int], np.ndarray], n_points: int
         start = 0
         while start < n_points:
             stop = min(n_points, start + chunk)
-            z = vae.standardize(torch.as_tensor(states(start, stop), dtype=torch.float32))
+            x = torch.as_tensor(states(start, stop), dtype=torch.float32)
             try:
-                bound = vae.log_prob_bound(z, k=k, generator=generator)
+                log_p = vae.log_prob(x, k=k, generator=generator)
             except torch.cuda.OutOfMemoryError:
                 if chunk == 1:
                     raise
@@ -105,7 +103,7 @@ def evaluate_energy(vae, states: Callable[[int, int], np.ndarray], n_points: int
                 torch.cuda.empty_cache()
                 log.warning("out of device memory; retrying with %d points per chunk", chunk)
                 continue
-            energy[start:stop] = log_jacobian - bound.double().cpu().numpy()
+            energy[start:stop] = -log_p.cpu().numpy()
             bar.advance(task, stop - start)
             start = stop
     return energy

@@ -22,7 +22,7 @@ from ebm_vae.config import CapsuleConfig
 from ebm_vae.crawl.manifest import Manifest
 from ebm_vae.data.extractors import EXTRACTORS
 from ebm_vae.data.readers.base import one_line
-from ebm_vae.data.stream import WorkUnit, chunk_samples, entry_plan, read_unit
+from ebm_vae.data.units import WorkUnit, chunk_samples, entry_plan, read_unit
 from ebm_vae.energy.grid import StateGrid
 
 log = logging.getLogger(__name__)

@@ -66,7 +66,7 @@ class EnergyModel:
 
     @property
     def device(self) -> torch.device:
-        return self.vae.norm_mean.device
+        return self.vae.device
 
     @property
     def capsule(self) -> str:

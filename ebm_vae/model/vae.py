@@ -6,9 +6,11 @@ a little about the statistics), so the checkpoint's hyper-parameters load with t
 and travel in the state dict. Everything downstream (export, `EnergyModel`) needs only the
 checkpoint.
 
-Units: the model sees z-scored states x_z = (x - mean) / std, so its bounds are log
-densities of x_z. The density of the physical state is p(x) = p(x_z) / prod(std), hence
-E_phys(x) = -bound(x_z) + log_jacobian with log_jacobian = sum(log std).
+Units: batches arrive in physical units; the model's `transform` (`ebm_vae.model.transforms`)
+maps them to normalised coordinates u and the exact terms log_det, so that
+log p(x) = bound(u) + log_det(x). For z-scoring, u = (x - mean) / std and
+log_det = -sum(log std) = -log_jacobian. Logged losses are in normalised units (the constant
+log_jacobian left out); `val/iwae_phys` and every energy are in physical units.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ebm_vae.config import to_container
 from ebm_vae.data.extractors.base import StateInfo
 from ebm_vae.model.bounds import ElboTerms, elbo_terms, iwae_bound, soft_floor_logvar
 from ebm_vae.model.networks import build_networks
+from ebm_vae.model.transforms import build_transform
 
 INPUT_CLIP = 1e3  # z-units; only the encoder's input is clipped (any q gives a valid bound)
 Q_LOGVAR_RANGE = (-20.0, 10.0)  # encoder log-variance clamp: exp() stays finite
@@ -66,7 +69,11 @@ class VAE(L.LightningModule):
             latent_dim = min(info.dim, 16) if info.kind != "field" else 16
         self.save_hyperparameters()
         self.state_info = info
-        self.encoder, self.decoder = build_networks(arch, info.shape, latent_dim, hidden, n_layers, channels)
+        self.transform = build_transform(info, capsule)
+        self.encoder, self.decoder = build_networks(arch, self.transform.out_shape, latent_dim, hidden,
+                                                    n_layers, channels)
+        # The crawl's statistics of the data (grids, default map limits, provenance); the
+        # transform keeps what the density itself needs.
         self.register_buffer("norm_mean", torch.zeros(info.dim))
         self.register_buffer("norm_std", torch.ones(info.dim))
         self.register_buffer("pca_components", torch.zeros(0, info.dim))  # (k, D), physical units
@@ -77,12 +84,13 @@ class VAE(L.LightningModule):
     # -- normalisation ------------------------------------------------------------------
 
     def set_normalization(self, stats: Any) -> VAE:
-        """Copy mean/std (and the principal basis, if any) from a `Stats` into the buffers."""
+        """Adopt a `Stats`: the transform's normalisation, the data's mean/std and principal basis."""
         dim = self.state_info.dim
         mean = torch.as_tensor(np.asarray(stats.mean, dtype=np.float32)).reshape(dim)
         std = torch.as_tensor(np.asarray(stats.std, dtype=np.float32)).reshape(dim)
         self.norm_mean = mean.to(self.norm_mean.device)
         self.norm_std = std.to(self.norm_std.device)
+        self.transform.set_statistics(stats)
         pca = getattr(stats, "pca", None)
         if pca:
             components = np.asarray(pca["components"], dtype=np.float32).reshape(-1, dim)
@@ -101,14 +109,13 @@ class VAE(L.LightningModule):
 
     @property
     def log_jacobian(self) -> float:
-        """sum(log std): add to a z-scored energy to get the energy of the physical state."""
-        return float(torch.log(self.norm_std.double()).sum())
+        """The transform's log-volume (sum(log std) for z-scoring): normalised -> physical units."""
+        return self.transform.log_scale
 
-    def standardize(self, x_phys: Tensor) -> Tensor:
-        """Physical states, flat (N, D) or shaped (N, *state.shape) -> z-scored (N, *state.shape)."""
+    def transformed(self, x_phys: Tensor) -> tuple[Tensor, Tensor]:
+        """(u, log_det) of physical states, flat (N, D) or shaped (N, *state.shape)."""
         x = torch.as_tensor(x_phys, dtype=torch.float32, device=self.norm_mean.device)
-        z = (x.reshape(x.shape[0], -1) - self.norm_mean) / self.norm_std
-        return z.reshape(x.shape[0], *self.state_info.shape)
+        return self.transform(x.reshape(x.shape[0], -1))
 
     # -- the model ----------------------------------------------------------------------
 
@@ -130,8 +137,15 @@ class VAE(L.LightningModule):
         return max(1, ROW_BUDGET // per_row)
 
     @torch.no_grad()
+    def log_prob(self, x_phys: Tensor, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
+        """Lower bound on log p(x) in nats for physical states (N, D) or (N, *state.shape) -> (N,)
+        float64, for the density in physical units (every exact term of the transform included)."""
+        u, log_det = self.transformed(x_phys)
+        return self.log_prob_bound(u, k, generator).double() + log_det
+
+    @torch.no_grad()
     def log_prob_bound(self, x: Tensor, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
-        """Lower bound on log p(x) in nats for z-scored states x (N, *state.shape) -> (N,).
+        """Lower bound on log p(u) in nats for model coordinates u (N, *transform.out_shape) -> (N,).
 
         k = 1: the ELBO (one draw, exact KL); k > 1: the importance-weighted bound with k
         draws, evaluated in chunks. Reproducible given `generator` (on x's device).
@@ -159,28 +173,33 @@ class VAE(L.LightningModule):
         return 1.0 if warmup <= 0 else min(1.0, (self.global_step + 1) / warmup)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x = self._states(batch)
+        x, exact = self._normalised(self._states(batch))
         terms = self.elbo_terms(x)
         beta = self.kl_weight()
-        loss = -(terms.recon - beta * terms.kl).mean()
+        loss = -(terms.recon - beta * terms.kl + exact).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         if beta < 1.0:
             self.log("train/kl_weight", beta, batch_size=x.shape[0])
         return loss
 
+    def _normalised(self, x_phys: Tensor) -> tuple[Tensor, Tensor]:
+        """(u, exact terms in normalised units): log_det + log_jacobian (0 for z-scoring)."""
+        u, log_det = self.transform(x_phys.reshape(x_phys.shape[0], -1).float())
+        return u, (log_det + self.log_jacobian).float()
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x = self._states(batch)
+        x, exact = self._normalised(self._states(batch))
         generator = torch.Generator(device=x.device).manual_seed(batch_idx)
         encoded = self.encode(x)
         terms = elbo_terms(x, encoded, self.decode, generator)
         iwae = iwae_bound(x, encoded, self.decode, self.hparams.val_k, generator, self._max_rows)
         n = x.shape[0]
         metrics = {
-            "val/elbo": -terms.elbo.mean(),
+            "val/elbo": -(terms.elbo + exact).mean(),
             "val/recon": -terms.recon.mean(),
             "val/kl": terms.kl.mean(),
-            "val/iwae": -iwae.mean(),
-            "val/iwae_phys": -iwae.mean() + self.log_jacobian,
+            "val/iwae": -(iwae + exact).mean(),
+            "val/iwae_phys": -(iwae + exact).mean() + self.log_jacobian,
         }
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, batch_size=n,
                       prog_bar=False)
@@ -230,17 +249,17 @@ class VAE(L.LightningModule):
     # -- TensorBoard images -------------------------------------------------------------
 
     def slice_plane(self) -> Tensor | None:
-        """Two directions (2, D) in z-units spanning the logged energy slice, one std per unit.
+        """Two directions (2, D) in physical units spanning the logged energy slice, one std each.
 
         Fields with a principal basis: pc1, pc2 (the export's default axes); otherwise the
         first two state components. None for one-component states.
         """
         dim = self.state_info.dim
         if self.pca_components.shape[0] >= 2:
-            return self.pca_std[:2, None] * self.pca_components[:2] / self.norm_std
+            return self.pca_std[:2, None] * self.pca_components[:2]
         if dim < 2:
             return None
-        return torch.eye(2, dim, device=self.norm_std.device)
+        return torch.eye(2, dim, device=self.norm_std.device) * self.norm_std
 
     @torch.no_grad()
     def _log_images(self, writer: Any) -> None:
@@ -249,11 +268,10 @@ class VAE(L.LightningModule):
             resolution = 32 if self.state_info.kind == "field" else 64
             ticks = torch.linspace(-SLICE_LIMIT, SLICE_LIMIT, resolution, device=plane.device)
             a, b = torch.meshgrid(ticks, ticks, indexing="ij")
-            points = a.reshape(-1, 1) * plane[0] + b.reshape(-1, 1) * plane[1]
+            points = self.norm_mean + a.reshape(-1, 1) * plane[0] + b.reshape(-1, 1) * plane[1]
             # k = 8 smooths the cheap vector slices; a field slice decodes 1024 full maps per draw
             k = 1 if self.state_info.kind == "field" else 8
-            energy = -self.log_prob_bound(points.reshape(-1, *self.state_info.shape), k=k,
-                                          generator=torch.Generator(device=plane.device).manual_seed(0))
+            energy = -self.log_prob(points, k=k, generator=torch.Generator(device=plane.device).manual_seed(0))
             image = energy.view(resolution, resolution).T.flip(0)  # rows: second axis, upwards
             writer.add_image("val/energy_slice", _colorize(image), self.global_step, dataformats="HWC")
         if self.state_info.kind == "field" and self._recon_examples is not None:
