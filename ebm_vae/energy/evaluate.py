@@ -74,10 +74,12 @@ def chunk_points_for(vae, k: int, device: torch.device) -> int:
 def evaluate_energy(vae, states: Callable[[int, int], np.ndarray], n_points: int, k: int = 64,
                     seed: int = 0, device: str | torch.device | None = None,
                     chunk_points: int | None = None, progress: bool = True,
-                    description: str = "energy") -> np.ndarray:
+                    description: str = "energy",
+                    return_std: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """E (n_points,) float64 nats of the physical states `states(start, stop)` -> (n, D).
 
     `vae` is an `ebm_vae.model.vae.VAE`; it is moved to `device` and put in eval mode.
+    `return_std`: also the uncertainty of each energy in nats (n_points,) float64.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1 (1 = negative ELBO), got {k}")
@@ -87,6 +89,7 @@ def evaluate_energy(vae, states: Callable[[int, int], np.ndarray], n_points: int
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))
     energy = np.empty(n_points, dtype=np.float64)
+    energy_std = np.empty(n_points, dtype=np.float64) if return_std else None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress) as bar, torch.inference_mode():
         task = bar.add_task(f"{description} (k={k}, {chunk} points/chunk, {device.type})", total=n_points)
@@ -95,7 +98,7 @@ def evaluate_energy(vae, states: Callable[[int, int], np.ndarray], n_points: int
             stop = min(n_points, start + chunk)
             x = torch.as_tensor(states(start, stop), dtype=torch.float32)
             try:
-                log_p = vae.log_prob(x, k=k, generator=generator)
+                log_p = vae.log_prob(x, k=k, generator=generator, return_stderr=return_std)
             except torch.cuda.OutOfMemoryError:
                 if chunk == 1:
                     raise
@@ -103,7 +106,10 @@ def evaluate_energy(vae, states: Callable[[int, int], np.ndarray], n_points: int
                 torch.cuda.empty_cache()
                 log.warning("out of device memory; retrying with %d points per chunk", chunk)
                 continue
+            if return_std:
+                log_p, stderr = log_p
+                energy_std[start:stop] = stderr.cpu().numpy()
             energy[start:stop] = -log_p.cpu().numpy()
             bar.advance(task, stop - start)
             start = stop
-    return energy
+    return (energy, energy_std) if return_std else energy

@@ -85,10 +85,12 @@ class EnergyModel:
         return tuple(self.vae.state_info.shape)
 
     def energy(self, states: Any, k: int = 64, seed: int = 0, chunk_points: int | None = None,
-               progress: bool = False) -> np.ndarray:
+               progress: bool = False,
+               return_std: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """(N,) float64 nats for `states` (N, D) or (N, *state_shape) in physical units.
 
         Evaluated in chunks sized to the device's memory; reproducible for a given `seed`.
+        `return_std`: also (N,) the uncertainty of each energy in nats.
         """
         if isinstance(states, torch.Tensor):
             states = states.detach().cpu().numpy()
@@ -100,4 +102,5 @@ class EnergyModel:
             raise ValueError(f"states must have shape (N, {dim}) or (N, {', '.join(map(str, self.state_shape))})"
                              f" for capsule '{self.capsule}', got {states.shape}")
         return evaluate_energy(self.vae, lambda start, stop: flat[start:stop], len(flat), k=k, seed=seed,
-                               device=self.device, chunk_points=chunk_points, progress=progress)
+                               device=self.device, chunk_points=chunk_points, progress=progress,
+                               return_std=return_std)

@@ -82,17 +82,24 @@ def elbo_terms(x: Tensor, encoder_out: tuple[Tensor, Tensor], decoder: Decoder,
 
 
 def iwae_bound(x: Tensor, encoder_out: tuple[Tensor, Tensor], decoder: Decoder, k: int,
-               generator: torch.Generator | None = None, max_rows: int = 65536) -> Tensor:
+               generator: torch.Generator | None = None, max_rows: int = 65536,
+               return_stderr: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Importance-weighted bound log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q, per sample.
 
     Tighter than the ELBO and rising with K towards log p(x). The K draws are decoded a
     few at a time (at most `max_rows` decoder rows per call) and folded into a running
     logsumexp, so memory does not grow with K.
+
+    `return_stderr`: also the standard error of the estimate, in nats, from the K weights w:
+    by the delta method, sd(log mean w) ~ sd(w) / (sqrt(K) mean w). It is large where a few
+    weights dominate (states far from the data, where the encoder's q misses the posterior),
+    which is where the estimate cannot be trusted; nan for K = 1.
     """
     mu, logvar = encoder_out
     n = x.shape[0]
     per_chunk = max(1, min(k, max_rows // max(n, 1)))
     total = torch.full((n,), -math.inf, device=x.device, dtype=torch.float32)
+    total_sq = torch.full((n,), -math.inf, device=x.device, dtype=torch.float32)  # log sum w^2
     done = 0
     while done < k:
         m = min(per_chunk, k - done)
@@ -105,6 +112,16 @@ def iwae_bound(x: Tensor, encoder_out: tuple[Tensor, Tensor], decoder: Decoder, 
         q_mu = mu.float().unsqueeze(0).expand_as(z).reshape(m * n, -1)
         q_logvar = logvar.float().unsqueeze(0).expand_as(z).reshape(m * n, -1)
         log_qz = gaussian_log_density(z_rows, q_mu, q_logvar).view(m, n)
-        total = torch.logaddexp(total, torch.logsumexp(log_px_z + log_pz - log_qz, dim=0))
+        log_w = log_px_z + log_pz - log_qz
+        total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
+        if return_stderr:
+            total_sq = torch.logaddexp(total_sq, torch.logsumexp(2.0 * log_w, dim=0))
         done += m
-    return total - math.log(k)
+    bound = total - math.log(k)
+    if not return_stderr:
+        return bound
+    if k < 2:
+        return bound, torch.full_like(bound, math.nan)
+    # relative variance of the weights: mean(w^2) / mean(w)^2 - 1, from the log sums
+    relative_var = torch.expm1((total_sq - math.log(k)) - 2.0 * bound).clamp(min=0.0) * k / (k - 1)
+    return bound, torch.sqrt(relative_var / k)

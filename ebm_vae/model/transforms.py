@@ -59,6 +59,12 @@ class StateTransform(nn.Module, ABC):
         field's -sum(log std) is ~1e4 nats), where float32 would round away 1e-3 nats.
         """
 
+    @abstractmethod
+    def inverse(self, u: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Physical states (N, D) of model coordinates u: draws x ~ p(x | u), so that samples of
+        the core density become samples of p(x) (a deterministic inverse where x is a function
+        of u; a draw of the closed-form part, e.g. a residual, where it is not)."""
+
 
 class Standardize(StateTransform):
     """u = (x - mean) / std per component, reshaped to the state's shape; log_det = -sum log std."""
@@ -87,6 +93,9 @@ class Standardize(StateTransform):
         u = (x.reshape(x.shape[0], -1) - self.mean) / self.std
         log_det = torch.full((x.shape[0],), -self.log_scale, device=x.device, dtype=torch.float64)
         return u.reshape(x.shape[0], *self.out_shape), log_det
+
+    def inverse(self, u: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return u.reshape(u.shape[0], -1) * self.std + self.mean
 
 
 def build_transform(state: StateInfo, capsule: dict[str, Any] | None = None) -> StateTransform:

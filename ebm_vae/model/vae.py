@@ -137,29 +137,51 @@ class VAE(L.LightningModule):
         return max(1, ROW_BUDGET // per_row)
 
     @torch.no_grad()
-    def log_prob(self, x_phys: Tensor, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
+    def log_prob(self, x_phys: Tensor, k: int = 1, generator: torch.Generator | None = None,
+                 return_stderr: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Lower bound on log p(x) in nats for physical states (N, D) or (N, *state.shape) -> (N,)
-        float64, for the density in physical units (every exact term of the transform included)."""
+        float64, for the density in physical units (every exact term of the transform included).
+
+        `return_stderr`: also the Monte Carlo standard error of the bound (see `iwae_bound`)."""
         u, log_det = self.transformed(x_phys)
-        return self.log_prob_bound(u, k, generator).double() + log_det
+        bound = self.log_prob_bound(u, k, generator, return_stderr)
+        if return_stderr:
+            return bound[0].double() + log_det, bound[1].double()
+        return bound.double() + log_det
 
     @torch.no_grad()
-    def log_prob_bound(self, x: Tensor, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
+    def log_prob_bound(self, x: Tensor, k: int = 1, generator: torch.Generator | None = None,
+                       return_stderr: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Lower bound on log p(u) in nats for model coordinates u (N, *transform.out_shape) -> (N,).
 
         k = 1: the ELBO (one draw, exact KL); k > 1: the importance-weighted bound with k
         draws, evaluated in chunks. Reproducible given `generator` (on x's device).
-        Evaluation only (no gradients).
+        Evaluation only (no gradients). `return_stderr`: also its standard error (nan at k = 1).
         """
         x = x.to(self.norm_mean.device, torch.float32)
         rows = self._max_rows
-        out = []
+        bounds, errors = [], []
         for chunk in x.split(max(1, rows // k)):
             if k == 1:
-                out.append(self.elbo_terms(chunk, generator).elbo)
+                bounds.append(self.elbo_terms(chunk, generator).elbo)
+                errors.append(torch.full_like(bounds[-1], math.nan))
             else:
-                out.append(iwae_bound(chunk, self.encode(chunk), self.decode, k, generator, rows))
-        return torch.cat(out) if out else x.new_zeros(0)
+                out = iwae_bound(chunk, self.encode(chunk), self.decode, k, generator, rows, return_stderr=True)
+                bounds.append(out[0])
+                errors.append(out[1])
+        bound = torch.cat(bounds) if bounds else x.new_zeros(0)
+        if return_stderr:
+            return bound, torch.cat(errors) if errors else x.new_zeros(0)
+        return bound
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n states drawn from the model's density, (n, D) float32 in physical units."""
+        device = self.norm_mean.device
+        z = torch.randn((n, self.hparams.latent_dim), generator=generator, device=device)
+        mean, logvar = self.decode(z)
+        u = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator, device=device)
+        return self.transform.inverse(u, generator)
 
     # -- training -----------------------------------------------------------------------
 
