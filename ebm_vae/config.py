@@ -49,7 +49,8 @@ class DataConfig:
     shuffle_buffer: int = 65536  # samples held for the in-memory shuffle
     shuffle_buffer_bytes: int = 256 * 2**20  # ... and at most this many bytes of them (field states)
     chunk_bytes: int = 8 * 2**20  # bytes of float32 states per extractor read
-    val_fraction: float = 0.1  # fraction of work units held out for validation
+    val_fraction: float = 0.1  # fraction of every file held out for validation (in blocks)
+    val_block: int = 4096  # samples per split block (fewer for files under 64 blocks of it)
     seed: int = 0
     pin_memory: bool | None = None  # None = pin when CUDA is available
     batches_per_epoch: int | None = None  # None = derived from the manifest, equal for every rank

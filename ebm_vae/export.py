@@ -99,8 +99,8 @@ def _vae_map(cfg: DictConfig, capsule: CapsuleConfig) -> EnergyMap:
         definition=VAE_DEFINITION, source_files=meta.get("files", []),
         checkpoint={"path": str(ckpt.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
         normalization=_normalization(state, grid.stats, float(vae.log_jacobian)),
-        extra={"seed": int(ex.seed), "training_samples": meta.get("count"),
-               "statistics_created": meta.get("created")},
+        extra={"seed": int(ex.seed), "statistics_created": meta.get("created"),
+               "training_samples": meta.get("split", {}).get("train_samples", meta.get("count"))},
     )
     return EnergyMap(energy.reshape(grid.shape), [a.values for a in grid.axes], metadata)
 

@@ -71,6 +71,14 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoints: Path) -> str | None:
     return str(ckpt_path)
 
 
+def data_provenance(datamodule: Any) -> dict[str, Any]:
+    """The checkpoint's `stats_meta`: the statistics' count, date and files, and the split's
+    train/validation samples and files (plain containers)."""
+    stats = datamodule.stats
+    files = [{k: v for k, v in f.items() if k != "blocks"} for f in stats.files]
+    return {"count": stats.count, "created": stats.created, "files": files, "split": datamodule.split}
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the VAE of `cfg.capsule`; returns the final metrics (val/iwae, val/elbo, ...) as floats."""
     from ebm_vae.data.datamodule import datamodule_from_config  # torch + readers: import on use
@@ -78,14 +86,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = datamodule_from_config(cfg)  # validates the capsule first, naming a bad key
     capsule, stats = datamodule.capsule, datamodule.stats
-    log.info("capsule %s: state %s, %d samples; training on %d work units, validating on %d",
-             capsule.name, tuple(datamodule.state.shape), stats.count,
-             len(datamodule.train_units), len(datamodule.val_units))
+    split = datamodule.split
+    log.info("capsule %s: state %s; training on %d samples of %d files, validating on %d samples of %d files",
+             capsule.name, tuple(datamodule.state.shape), split["train_samples"], split["train_files"],
+             split["val_samples"], split["val_files"])
 
-    model = instantiate(
-        cfg.model, _convert_="all", state=stats.state, capsule=dataclasses.asdict(capsule),
-        stats_meta={"count": stats.count, "created": stats.created, "files": stats.files},
-    )
+    model = instantiate(cfg.model, _convert_="all", state=stats.state, capsule=dataclasses.asdict(capsule),
+                        stats_meta=data_provenance(datamodule))
     model.set_normalization(stats)
     log.info("model: %s (%s, latent %d, %d parameters)", cfg.model._target_, model.hparams.arch,
              model.hparams.latent_dim, sum(p.numel() for p in model.parameters()))

@@ -20,8 +20,8 @@ from ebm_vae.data import stream as stream_module
 from ebm_vae.data.datamodule import CapsuleDataModule, datamodule_from_config
 from ebm_vae.data.extractors import EXTRACTORS
 from ebm_vae.data.stats import Moments, Stats
-from ebm_vae.data.stream import StateStream, split_train_val, split_units
-from ebm_vae.data.units import make_units
+from ebm_vae.data.stream import StateStream, split_units
+from ebm_vae.data.units import make_units, plan_units, split_warnings
 
 # A user capsule whose first component is the row id: every sample is recognisable.
 IDS_CAPSULE = """\
@@ -242,19 +242,94 @@ def test_csv_units_split_bytes_and_cover_every_row(tree):
     assert sorted(ids.astype(int).tolist()) == list(range(500))
 
 
-def test_split_is_stable_when_files_are_added(tree):
-    manifest, capsule, _ = tree([640] * 10)
+def split_ids(manifest, capsule, fraction=0.1, **kwargs):
+    """(split, train ids, validation ids): every sample of each side, read through the stream."""
     stats = identity_stats(capsule)
     extractor = EXTRACTORS["table"](capsule)
-    units = make_units(manifest.usable("ids"), extractor, stats.state_info, 64, 1 << 20)
-    train, val = split_train_val(units, 0.2)
-    assert 0.05 < len(val) / len(units) < 0.4 and not set(train) & set(val)
-    more = make_units(manifest.usable("ids")[:5], extractor, stats.state_info, 64, 1 << 20)
-    train_few, val_few = split_train_val(more, 0.2)
-    assert set(val_few) <= set(val) and set(train_few) <= set(train)
-    single = make_units(manifest.usable("ids")[:1], extractor, stats.state_info, 10**6, 1 << 20)
-    train_one, val_one = split_train_val(single, 0.1)  # one unit: cut so both sides exist
-    assert [(u.start, u.stop) for u in val_one + train_one] == [(0, 64), (64, 640)]
+    split = plan_units(manifest.usable("ids"), extractor, stats.state_info, kwargs.pop("unit_samples", 512),
+                       kwargs.pop("unit_bytes", 4096), fraction, **kwargs)
+
+    def ids(units):
+        stream = StateStream(units, extractor, stats.state_info, manifest.root, batch_size=97, train=False)
+        return np.concatenate([b[:, 0] for b in stream.iter_share(0, 1, 0, 1)] or [np.zeros(0)]).astype(int)
+
+    return split, ids(split.train), ids(split.val)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_validation_takes_a_fraction_of_every_file_spread_over_its_length(tree, suffix):
+    sizes = [8760, 3000, 640]  # a year of hourly rows, and smaller files
+    manifest, capsule, _ = tree(sizes, suffix=suffix)
+    split, train, val = split_ids(manifest, capsule, 0.1)
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(sum(sizes)))  # each once
+    starts = np.cumsum([0, *sizes])
+    for k, n in enumerate(sizes):
+        mine = val[(val >= starts[k]) & (val < starts[k + 1])] - starts[k]
+        assert 0.06 < len(mine) / n < 0.14  # about val_fraction of this file ...
+        tenths = np.unique(mine * 10 // n)
+        assert len(tenths) >= 5  # ... in stretches over its whole length, not one season
+        row = split.report()["files"][k]
+        assert row["path"] == f"ids_{k:02d}{suffix}"
+        if suffix == ".parquet":  # rows: the planned counts are exact
+            assert (row["val_samples"], row["train_samples"]) == (len(mine), n - len(mine))
+    report = split.report()
+    assert report["train_files"] == report["val_files"] == 3 and report["only_val"] == []
+    assert report["exact"] == (suffix == ".parquet")
+
+
+def test_the_split_of_a_file_does_not_change_when_files_are_added(tree):
+    manifest, capsule, _ = tree([2000] * 6)
+    extractor = EXTRACTORS["table"](capsule)
+    state = identity_stats(capsule).state_info
+    everything = plan_units(manifest.usable("ids"), extractor, state, 300, 4096, 0.2)
+    fewer = plan_units(manifest.usable("ids")[:3], extractor, state, 300, 4096, 0.2)
+    assert fewer.files == everything.files[:3]
+    assert set(fewer.val) <= set(everything.val) and set(fewer.train) <= set(everything.train)
+    assert all(u.n_samples <= 300 for u in everything.train + everything.val)
+
+
+def test_a_file_too_small_to_split_is_named_when_it_is_in_validation_only(tree, caplog):
+    manifest, capsule, _ = tree([5000, 1])
+    extractor = EXTRACTORS["table"](capsule)
+    state = identity_stats(capsule).state_info
+    for fraction in np.linspace(0.05, 0.95, 19):  # some fraction holds the one-row file out
+        report = plan_units(manifest.usable("ids"), extractor, state, 512, 4096, fraction).report()
+        if report["only_val"]:
+            break
+    assert report["only_val"] == ["ids_01.parquet"]
+    assert "the model never trains on ids_01.parquet" in split_warnings(report)[0]
+    one = plan_units(manifest.usable("ids")[1:], extractor, state, 512, 4096, 0.1).report()
+    assert one["train_samples"] == 1  # a lone one-row file trains, whatever its hash
+
+
+def test_a_single_short_file_still_has_both_sides(tree):
+    manifest, capsule, _ = tree([12])
+    split, train, val = split_ids(manifest, capsule, 0.1)
+    assert len(train) and len(val) and sorted(np.concatenate([train, val]).tolist()) == list(range(12))
+
+
+def test_a_derived_phase_file_is_split_by_sample_position(tmp_path):
+    from ebm_vae import demo
+
+    root = tmp_path / "data"
+    demo.write_grid_csv(root / "grid_nophase.csv", n_rows=3000, with_phase=False)
+    cfg = compose("crawl", [f"data.root={root}", f"paths.root={tmp_path / 'out'}", "crawl.workers=1",
+                            "crawl.progress=false", "crawl.stats=false"])
+    manifest = crawl(cfg)
+    extractor = EXTRACTORS["grid"](visible_capsules()["grid"])
+    (entry,) = manifest.usable("grid")
+    from ebm_vae.data.units import WorkUnit, entry_plan, read_unit
+
+    plan = entry_plan(extractor, entry)
+    assert plan.whole_file
+    everything = np.concatenate(list(read_unit(extractor, root, WorkUnit.whole(entry, plan), 256)))
+    split = plan_units([entry], extractor, plan.state, 512, 1 << 20, 0.1)
+    (train,), (val,) = split.train, split.val
+    sides = [np.concatenate(list(read_unit(extractor, root, u, 256))) for u in (train, val)]
+    assert [len(x) for x in sides] == [train.n_samples, val.n_samples] and len(sides[1]) > 200
+    rows = {tuple(r) for r in everything.tolist()}
+    assert {tuple(r) for r in sides[0].tolist()} | {tuple(r) for r in sides[1].tolist()} == rows
+    assert not {tuple(r) for r in sides[0].tolist()} & {tuple(r) for r in sides[1].tolist()}
 
 
 def test_datamodule_loaders_with_two_worker_processes(tree):
@@ -283,7 +358,7 @@ def test_datamodule_loaders_with_two_worker_processes(tree):
     assert sorted(seen[1].tolist()) == sorted(expected[:, 0].astype(int).tolist())
 
     def ids_of(units):
-        return {512 * int(u.path[4:6]) + i for u in units for i in range(u.start, u.stop)}
+        return {512 * int(u.path[4:6]) + i for u in units for a, b in u.spans for i in range(a, b)}
 
     val = torch.cat(list(dm.val_dataloader()))[:, 0].long().tolist()
     assert sorted(val) == sorted(ids_of(dm.val_units)) and not ids_of(dm.val_units) & ids_of(dm.train_units)

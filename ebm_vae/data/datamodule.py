@@ -21,8 +21,8 @@ from ebm_vae.config import CapsuleConfig
 from ebm_vae.crawl.manifest import Manifest, read_manifest
 from ebm_vae.data.extractors import EXTRACTORS, StateInfo
 from ebm_vae.data.stats import Stats, run_stats_pass
-from ebm_vae.data.stream import StateStream, split_train_val, stream_args
-from ebm_vae.data.units import make_units
+from ebm_vae.data.stream import StateStream, stream_args
+from ebm_vae.data.units import plan_units, split_warnings
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,15 @@ class CapsuleDataModule(L.LightningDataModule):
         self.stats = stats
         self.root = Path(data_cfg.root) if data_cfg.root else manifest.root
         self.extractor = EXTRACTORS[capsule.extractor](capsule)
-        units = make_units(manifest.usable(capsule.name), self.extractor, self.state,
-                           data_cfg.unit_samples, data_cfg.unit_bytes)
-        if not units:
+        split = plan_units(manifest.usable(capsule.name), self.extractor, self.state, data_cfg.unit_samples,
+                           data_cfg.unit_bytes, data_cfg.val_fraction, data_cfg.val_block)
+        if not split.train:
             raise ValueError(f"capsule '{capsule.name}': no usable files of state shape "
                              f"{self.state.shape} in the manifest")
-        self.train_units, self.val_units = split_train_val(units, data_cfg.val_fraction)
+        self.train_units, self.val_units = split.train, split.val
+        self.split = split.report({f["path"]: f["blocks"] for f in stats.files if "blocks" in f})
+        for line in split_warnings(self.split):
+            log.warning("capsule %s: %s", capsule.name, line)
 
     @property
     def state(self) -> StateInfo:

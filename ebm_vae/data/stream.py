@@ -1,7 +1,7 @@
 """The stream of physical states: the split of work units over ranks and workers, StateStream.
 
-Units (`ebm_vae.data.units`) are split into train and validation by a hash of (path, start),
-so the split of existing units does not change when files are added. Files are opened only
+Units (`ebm_vae.data.units`, which also splits train from validation) are dealt out to ranks
+and workers here. Files are opened only
 inside the process that reads them (after the DataLoader's fork), a unit at a time, and read
 chunk by chunk through the extractor. Batches hold states in their physical units: the model
 owns its normalisation (`ebm_vae.model.transforms`), on whatever device it runs.
@@ -9,13 +9,10 @@ owns its normalisation (`ebm_vae.model.transforms`), on whatever device it runs.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import itertools
 import logging
-import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,34 +25,6 @@ from ebm_vae.data.readers.base import one_line
 from ebm_vae.data.units import OpenFiles, WorkUnit, chunk_samples, read_unit
 
 log = logging.getLogger(__name__)
-
-
-def _unit_hash(unit: WorkUnit) -> float:
-    digest = hashlib.blake2b(f"{unit.path}:{unit.start}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
-def split_train_val(units: Sequence[WorkUnit], val_fraction: float) -> tuple[list[WorkUnit], list[WorkUnit]]:
-    """Deterministic split by a hash of (path, start): a unit's side never depends on the others.
-
-    When the hashes leave one side empty (few units) although 0 < val_fraction < 1, the unit
-    with the most extreme hash changes side; a lone unit is cut in two (val gets the start).
-    """
-    train = [u for u in units if _unit_hash(u) >= val_fraction]
-    val = [u for u in units if _unit_hash(u) < val_fraction]
-    if not 0 < val_fraction < 1 or not units or (train and val):
-        return train, val
-    if len(units) > 1:
-        if val:
-            moved = max(val, key=_unit_hash)
-            return [moved], [u for u in val if u is not moved]
-        moved = min(train, key=_unit_hash)
-        return [u for u in train if u is not moved], [moved]
-    (unit,) = units
-    if unit.plan.whole_file or unit.stop - unit.start < 2:
-        return train, val
-    cut = min(unit.stop - 1, unit.start + max(1, math.ceil((unit.stop - unit.start) * val_fraction)))
-    return [replace(unit, start=cut)], [replace(unit, stop=cut)]
 
 
 def split_units(units: Sequence[WorkUnit], rank: int, world: int, worker: int,

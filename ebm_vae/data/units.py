@@ -1,24 +1,38 @@
-"""Work units: bounded ranges of one file's extent, and reading their states.
+"""Work units: bounded parts of one file's extent, the train/validation split, and reading them.
 
-A work unit is a range [start, stop) of one file's extent (rows/snapshots, or bytes for CSV)
-of bounded size; a file planned `whole_file` (a derived phase) is one unit. Every pass over
-the data (the statistics pass, the training stream, the histogram export, the state cache)
-reads through `read_unit`, which refuses a file changed since the crawl.
+Each file is cut into **blocks** (`BlockGrid`): about `data.val_block` samples each, and at
+least `MIN_BLOCKS` per file, so that a small file still has blocks spread over its whole length.
+Blocks live in the file's extent (rows, snapshots, or bytes for CSV, where a line belongs to
+the block its first byte is in); a file planned `whole_file` (a derived phase, which needs
+every earlier row) has its blocks in sample order instead.
+
+The split holds out a fraction f of **every** file: the blocks are grouped in strata of 1/f
+blocks and stratum j holds out block floor((j + u_j) / f), u_j a hash of (path, j). So every
+file gives about f of its samples to validation, spread over its whole length (a year of
+hourly data gives about 1/f stretches of a few days, never a season), a block's side depends on
+its path and index only (adding files changes nothing for the others), and no file is left out.
+
+A work unit is a set of block ranges of one file (`ranges`, sorted, disjoint) with at most
+`data.unit_samples` samples (`data.unit_bytes` for CSV). Every pass over the data (the
+statistics pass, the training stream, the histogram export, the state cache) reads through
+`read_unit`, which refuses a file changed since the crawl.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ebm_vae.data.extractors import Extractor, FilePlan, StateInfo
-from ebm_vae.data.readers import READERS, FileInfo
+from ebm_vae.data.readers import READERS, FileInfo, TableHandle
 from ebm_vae.data.readers.base import one_line
 
 if TYPE_CHECKING:
@@ -27,6 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TABLE_FORMATS = ("csv", "parquet")
+BYTE_EXTENT_FORMATS = ("csv",)  # extents in bytes: a block's sample count is known only once read
+MIN_BLOCKS = 64  # blocks per file at least (fewer only for files of fewer samples)
+HULL_DENSITY = 0.5  # read a row-group table unit's hull (and drop the holes) above this fill
 
 
 class ChangedFile(Exception):
@@ -34,21 +51,75 @@ class ChangedFile(Exception):
 
 
 @dataclass(frozen=True)
+class BlockGrid:
+    """Blocks of `length` over [0, span) of a file: extent units, or samples when `by_sample`."""
+
+    length: int
+    span: int
+    by_sample: bool = False
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.span // self.length) if self.span else 0
+
+    def bounds(self, first: int, stop: int) -> tuple[int, int]:
+        """[start, stop) of blocks first .. stop - 1."""
+        return first * self.length, min(self.span, stop * self.length)
+
+    def block_of(self, position: int) -> int:
+        return position // self.length
+
+
+def block_grid(plan: FilePlan, val_block: int) -> BlockGrid:
+    """The blocks of a file: about `val_block` samples (at least 1), and at least `MIN_BLOCKS`
+    blocks when the file has that many samples."""
+    samples = max(1, min(int(val_block), plan.n_samples // MIN_BLOCKS))
+    if plan.whole_file:
+        return BlockGrid(samples, plan.n_samples, by_sample=True)
+    if plan.n_samples == 0:
+        return BlockGrid(max(1, plan.extent), plan.extent)
+    return BlockGrid(max(1, math.ceil(samples * plan.extent / plan.n_samples)), plan.extent)
+
+
+def _path_seed(path: str) -> int:
+    return int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "big")
+
+
+def holdout_blocks(path: str, n_blocks: int, fraction: float) -> np.ndarray:
+    """Sorted indices of the validation blocks of a file (see the module docstring)."""
+    if fraction <= 0 or n_blocks == 0:
+        return np.zeros(0, dtype=np.int64)
+    strata = int(math.ceil(n_blocks * fraction)) + 1
+    u = np.random.default_rng(_path_seed(path)).random(strata)
+    picked = np.floor((np.arange(strata) + u) / fraction).astype(np.int64)
+    return np.unique(picked[picked < n_blocks])
+
+
+@dataclass(frozen=True)
 class WorkUnit:
     path: str  # relative to the data root, as in the manifest
-    start: int
+    start: int  # the hull of `ranges` in the extent ([0, extent) for a whole_file plan)
     stop: int
     plan: FilePlan
     format: str
     size: int  # the file's size and mtime at crawl time, checked before reading
     mtime_ns: int
+    # the parts read, sorted and disjoint, in the coordinates of the file's BlockGrid (samples
+    # for a whole_file plan, else the extent); empty = all of [start, stop)
+    ranges: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        return self.ranges or ((self.start, self.stop),)
 
     @property
     def n_samples(self) -> int:
-        """Samples in [start, stop): exact for rows/snapshots; for CSV byte ranges a
-        proportional share of the file's samples (the shares of a file sum to its total)."""
+        """Samples in the unit: exact for rows/snapshots; for CSV byte ranges a proportional
+        share of the file's samples (the shares of a file sum to its total)."""
         n, extent = self.plan.n_samples, self.plan.extent
-        return n * self.stop // extent - n * self.start // extent if extent else 0
+        if self.plan.whole_file:
+            return sum(b - a for a, b in self.ranges) if self.ranges else n
+        return sum(n * b // extent - n * a // extent for a, b in self.spans) if extent else 0
 
     @classmethod
     def whole(cls, entry: ManifestEntry, plan: FilePlan) -> WorkUnit:
@@ -63,10 +134,105 @@ def entry_plan(extractor: Extractor, entry: ManifestEntry) -> FilePlan:
     return extractor.plan(info)
 
 
-def make_units(entries: Iterable[ManifestEntry], extractor: Extractor, state: StateInfo,
-               unit_samples: int, unit_bytes: int) -> list[WorkUnit]:
-    """Work units of the files whose state is `state` (others are skipped with a warning)."""
+@dataclass
+class FileSplit:
+    """One file's share of each side: samples as planned (exact but for CSV byte ranges)."""
+
+    path: str
+    format: str
+    train_samples: int = 0
+    val_samples: int = 0
+    grid: BlockGrid | None = None
+    val_blocks: tuple[int, ...] = ()
+
+
+@dataclass
+class Split:
+    train: list[WorkUnit] = field(default_factory=list)
+    val: list[WorkUnit] = field(default_factory=list)
+    files: list[FileSplit] = field(default_factory=list)
+    val_fraction: float = 0.0
+
+    def report(self, block_counts: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Samples and files of each side, per file, as plain containers (checkpoints, maps).
+
+        `block_counts` (path -> {"length", "counts"}: the samples the statistics pass read per
+        block) makes the counts of byte-extent files exact; without it they are shares of the
+        file's planned samples in proportion to bytes, and `exact` is False."""
+        rows, exact = [], True
+        for f in self.files:
+            train, val = f.train_samples, f.val_samples
+            if f.format in BYTE_EXTENT_FORMATS and f.grid is not None and not f.grid.by_sample:
+                recorded = (block_counts or {}).get(f.path) or {}
+                counts = np.asarray(recorded.get("counts", []), dtype=np.int64)
+                if recorded.get("length") == f.grid.length and len(counts) == f.grid.n_blocks:
+                    val = int(counts[list(f.val_blocks)].sum())
+                    train = int(counts.sum()) - val
+                else:
+                    exact = False
+            rows.append({"path": f.path, "train_samples": train, "val_samples": val})
+        return {
+            "val_fraction": self.val_fraction,
+            "train_samples": sum(r["train_samples"] for r in rows),
+            "val_samples": sum(r["val_samples"] for r in rows),
+            "train_files": sum(r["train_samples"] > 0 for r in rows),
+            "val_files": sum(r["val_samples"] > 0 for r in rows),
+            "only_val": [r["path"] for r in rows if r["val_samples"] and not r["train_samples"]],
+            "exact": exact,
+            "files": rows,
+        }
+
+
+def split_warnings(report: dict[str, Any]) -> list[str]:
+    """What a user should know about a split: files the model never sees, an empty side."""
+    lines = []
+    only_val = report["only_val"]
+    if only_val:
+        lines.append(f"{len(only_val)} file(s) are in validation only (fewer blocks than 1/val_fraction): "
+                     f"the model never trains on {', '.join(only_val[:5])}{' ...' if len(only_val) > 5 else ''}")
+    if report["val_fraction"] > 0 and not report["val_samples"]:
+        lines.append("validation is empty: too few samples to hold any out (val/* metrics will be missing)")
+    return lines
+
+
+def _runs(blocks: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive block indices as [first, stop) pairs."""
+    if not len(blocks):
+        return []
+    breaks = np.flatnonzero(np.diff(blocks) != 1)
+    firsts = np.concatenate([[blocks[0]], blocks[breaks + 1]])
+    lasts = np.concatenate([blocks[breaks], [blocks[-1]]])
+    return list(zip(firsts.tolist(), (lasts + 1).tolist(), strict=True))
+
+
+def _units_of(entry: ManifestEntry, plan: FilePlan, grid: BlockGrid, blocks: np.ndarray,
+              per_unit: int) -> list[WorkUnit]:
+    """Units of `per_unit` consecutive blocks of `blocks` (a whole_file plan: one unit)."""
+    groups = [blocks] if plan.whole_file else [blocks[i : i + per_unit] for i in range(0, len(blocks), per_unit)]
     units = []
+    for group in groups:
+        if not len(group):
+            continue
+        ranges = tuple(grid.bounds(a, b) for a, b in _runs(group))
+        start, stop = (0, plan.extent) if plan.whole_file else (ranges[0][0], ranges[-1][1])
+        whole = ranges == ((0, grid.span),)
+        units.append(WorkUnit(entry.path, start, stop, plan, entry.format, entry.size, entry.mtime_ns,
+                              () if whole or (not plan.whole_file and len(ranges) == 1) else ranges))
+    return units
+
+
+def plan_units(entries: Iterable[ManifestEntry], extractor: Extractor, state: StateInfo,
+               unit_samples: int, unit_bytes: int, val_fraction: float = 0.0,
+               val_block: int = 4096) -> Split:
+    """Train and validation units of the files whose state is `state` (others are skipped
+    with a warning), holding out `val_fraction` of every file's blocks.
+
+    Only when the strata hold out nothing at all (a few tiny files) does one block of the
+    largest file go to validation, and when they hold out everything (files of one block
+    each), the largest file goes back to training: both sides then exist."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    files = []  # (entry, plan, grid, held blocks)
     for entry in entries:
         try:
             plan = entry_plan(extractor, entry)
@@ -77,11 +243,34 @@ def make_units(entries: Iterable[ManifestEntry], extractor: Extractor, state: St
             log.warning("skipping %s: state shape %s differs from the statistics' %s",
                         entry.path, plan.state.shape, state.shape)
             continue
-        step = plan.extent if plan.whole_file else (unit_bytes if entry.format == "csv" else unit_samples)
-        for start in range(0, plan.extent, max(1, step)):
-            units.append(WorkUnit(entry.path, start, min(plan.extent, start + step), plan,
-                                  entry.format, entry.size, entry.mtime_ns))
-    return units
+        grid = block_grid(plan, val_block)
+        files.append([entry, plan, grid, holdout_blocks(entry.path, grid.n_blocks, val_fraction)])
+    n_blocks = sum(f[2].n_blocks for f in files)
+    n_held = sum(len(f[3]) for f in files)
+    if files and n_held == n_blocks:
+        max(files, key=lambda f: f[2].n_blocks)[3] = np.zeros(0, dtype=np.int64)
+    elif val_fraction > 0 and n_blocks >= 2 and n_held == 0:
+        largest = max(files, key=lambda f: f[2].n_blocks)
+        u = np.random.default_rng(_path_seed(largest[0].path)).random()
+        largest[3] = np.array([int(u * largest[2].n_blocks)])
+    split = Split(val_fraction=val_fraction)
+    for entry, plan, grid, held in files:
+        kept = np.setdiff1d(np.arange(grid.n_blocks), held)
+        limit = unit_bytes if entry.format in BYTE_EXTENT_FORMATS else unit_samples
+        per_unit = max(1, limit // grid.length) if not grid.by_sample else grid.n_blocks
+        train = _units_of(entry, plan, grid, kept, per_unit)
+        val = _units_of(entry, plan, grid, held, per_unit)
+        split.train += train
+        split.val += val
+        split.files.append(FileSplit(entry.path, entry.format, sum(u.n_samples for u in train),
+                                     sum(u.n_samples for u in val), grid, tuple(held.tolist())))
+    return split
+
+
+def make_units(entries: Iterable[ManifestEntry], extractor: Extractor, state: StateInfo,
+               unit_samples: int, unit_bytes: int) -> list[WorkUnit]:
+    """Work units covering every file whose state is `state`, nothing held out."""
+    return plan_units(entries, extractor, state, unit_samples, unit_bytes).train
 
 
 def chunk_samples(state: StateInfo, chunk_bytes: int) -> int:
@@ -89,26 +278,76 @@ def chunk_samples(state: StateInfo, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (4 * state.dim))
 
 
-def read_unit(extractor: Extractor, root: Path, unit: WorkUnit, chunk: int,
-              files: OpenFiles | None = None) -> Iterator[np.ndarray]:
-    """The states of one unit, chunk by chunk; raises for a missing, changed or unreadable file.
-
-    With `files`, the handle comes from (and stays in) that cache of open files."""
+def check_unchanged(root: Path, unit: WorkUnit) -> Path:
+    """The unit's file, refused (ChangedFile) when its size or mtime differs from the crawl's."""
     path = Path(root) / unit.path
     st = path.stat()
     if (st.st_size, st.st_mtime_ns) != (unit.size, unit.mtime_ns):
         raise ChangedFile(f"changed since the crawl (size {unit.size} -> {st.st_size}, "
                           f"mtime_ns {unit.mtime_ns} -> {st.st_mtime_ns}); re-run ebm-vae-crawl")
+    return path
+
+
+def read_unit(extractor: Extractor, root: Path, unit: WorkUnit, chunk: int,
+              files: OpenFiles | None = None) -> Iterator[np.ndarray]:
+    """The states of one unit, chunk by chunk; raises for a missing, changed or unreadable file.
+
+    With `files`, the handle comes from (and stays in) that cache of open files."""
+    path = check_unchanged(root, unit)
     if files is None:
         with READERS[unit.format].open(path) as handle:
-            yield from extractor.iter_states(handle, unit.plan, unit.start, unit.stop, chunk)
+            yield from read_ranges(extractor, handle, unit, chunk)
         return
     try:
-        yield from extractor.iter_states(files.open(path, unit.format), unit.plan, unit.start,
-                                         unit.stop, chunk)
+        yield from read_ranges(extractor, files.open(path, unit.format), unit, chunk)
     except Exception:
         files.discard(path)
         raise
+
+
+def read_ranges(extractor: Extractor, handle: Any, unit: WorkUnit, chunk: int) -> Iterator[np.ndarray]:
+    """The states of a unit's ranges from an open handle, in order.
+
+    One range is one read. Several ranges are read one by one, except where that would read
+    data twice: a whole_file plan is read whole and its states kept by position, and a
+    Parquet unit whose ranges fill most of their hull is read as the hull (row groups are
+    decoded whole) with the holes dropped."""
+    plan = unit.plan
+    if not unit.ranges:
+        yield from extractor.iter_states(handle, plan, unit.start, unit.stop, chunk)
+        return
+    if plan.whole_file:
+        yield from keep_positions(extractor.iter_states(handle, plan, 0, plan.extent, chunk), unit.ranges)
+        return
+    covered = sum(b - a for a, b in unit.ranges)
+    per_row, rest = divmod(plan.n_samples, plan.extent) if plan.extent else (0, 1)
+    if (isinstance(handle, TableHandle) and handle.extent_unit == "rows" and not rest
+            and covered >= HULL_DENSITY * (unit.stop - unit.start)):
+        ranges = [((a - unit.start) * per_row, (b - unit.start) * per_row) for a, b in unit.ranges]
+        yield from keep_positions(extractor.iter_states(handle, plan, unit.start, unit.stop, chunk), ranges)
+        return
+    for a, b in unit.ranges:
+        yield from extractor.iter_states(handle, plan, a, b, chunk)
+
+
+def keep_positions(chunks: Iterable[np.ndarray], ranges: Iterable[tuple[int, int]]) -> Iterator[np.ndarray]:
+    """The rows of consecutive `chunks` whose position (counted from 0) lies in `ranges`
+    (sorted, disjoint), as views."""
+    pending = iter(ranges)
+    current = next(pending, None)
+    position = 0
+    for states in chunks:
+        end = position + len(states)
+        while current is not None and current[0] < end:
+            lo, hi = max(current[0], position), min(current[1], end)
+            if hi > lo:
+                yield states[lo - position : hi - position]
+            if current[1] > end:
+                break
+            current = next(pending, None)
+        position = end
+        if current is None:
+            return
 
 
 class OpenFiles:
