@@ -12,17 +12,14 @@ Re-crawls reuse the rows of files whose size and mtime are unchanged without ope
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import re
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +40,7 @@ from ebm_vae.crawl.scan import FoundFile, scan
 from ebm_vae.data.extractors import EXTRACTORS, ExtractError
 from ebm_vae.data.readers import READERS, FileInfo, ReadError, read_head, sniff_format
 from ebm_vae.data.readers.base import one_line
+from ebm_vae.isolation import Failure, IsolatedPool, heartbeat
 
 log = logging.getLogger(__name__)
 ERRORS_SHOWN = 10
@@ -154,7 +152,7 @@ def identify(root: str, found: FoundFile, rules: list[_Rules]) -> ManifestEntry:
 # 10k-small-file bench tree: ~1,450-1,900 files per CPU second (about half of it in HDF5), so
 # 2,000 files/s on 2 cores needs both cores: two processes. Even one worker is a process of its
 # own (forking costs milliseconds): a reader crashing or hanging on a file then costs that file
-# an error row, not the crawl (see `_Inspection._isolate`).
+# an error row, not the crawl (`ebm_vae.isolation`).
 # The progress bar refreshes from this thread rather than its own, so that workers are never
 # forked while a thread of ours holds a lock (stdout's, say) the child would inherit held.
 _worker_rules: list[_Rules] = []
@@ -166,7 +164,11 @@ def _init_worker(rules: list[_Rules]) -> None:
 
 
 def _identify_chunk(root: str, chunk: list[FoundFile]) -> list[ManifestEntry]:
-    return [identify(root, found, _worker_rules) for found in chunk]
+    entries = []
+    for found in chunk:
+        entries.append(identify(root, found, _worker_rules))
+        heartbeat()  # the time limit is per file, not per chunk
+    return entries
 
 
 def cpu_count() -> int:
@@ -198,80 +200,18 @@ class _Inspection:
             self.checkpoint(self.entries)
             self.last_checkpoint = time.perf_counter()
 
+    def failed(self, found: FoundFile, failure: Failure) -> None:
+        reason = failure.describe()
+        log.warning("%s: %s", found.relpath, reason)
+        self.advance([ManifestEntry(found.relpath, found.size, found.mtime_ns, error=f"unreadable: {reason}")])
+
     def run(self, workers: int | None) -> list[ManifestEntry]:
         """In `workers` processes (default: one per CPU; fewer for few files)."""
-        chunks = deque(self.todo[i : i + CHUNK_FILES] for i in range(0, len(self.todo), CHUNK_FILES))
-        n_procs = max(1, min(workers or cpu_count(), len(chunks)))
-        while chunks:
-            suspects = self._pool(chunks, n_procs)
-            while suspects:  # a file crashed a worker (a reader's segfault) or hung it: isolate it
-                suspects = self._isolate(suspects)
+        pool = IsolatedPool(functools.partial(_identify_chunk, self.root), workers=workers or cpu_count(),
+                            timeout_s=self.timeout_s, on_done=lambda _, rows: self.advance(rows),
+                            on_failed=self.failed, initializer=_init_worker, initargs=(self.rules,))
+        pool.run(self.todo, chunk_size=CHUNK_FILES)
         return self.entries
-
-    def _executor(self, n_procs: int) -> ProcessPoolExecutor:
-        context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-        return ProcessPoolExecutor(n_procs, mp_context=context, initializer=_init_worker,
-                                   initargs=(self.rules,))
-
-    def _pool(self, chunks: deque[list[FoundFile]], n_procs: int) -> list[FoundFile]:
-        """Run chunks off the queue, two per worker in flight, until it is empty or a worker is
-        lost; return the files of the chunks in flight when a worker crashed, or when none of
-        them finished within the time limit (a hung reader, or 64 very slow files: the
-        isolation then gives each file the limit of its own)."""
-        running: dict = {}  # future -> chunk, in the order submitted
-        with self._executor(n_procs) as pool:
-            while running or chunks:
-                try:
-                    while chunks and len(running) < 2 * n_procs:
-                        future = pool.submit(_identify_chunk, self.root, chunks[0])
-                        running[future] = chunks.popleft()
-                except BrokenProcessPool:  # a crash shows in the futures below
-                    if not running:  # a worker that died before any file: no file to blame
-                        raise
-                done, _ = wait(running, self.timeout_s, return_when=FIRST_COMPLETED)
-                if not done:
-                    _stop(pool)
-                    return [found for chunk in running.values() for found in chunk]
-                lost = []
-                for future in [f for f in running if f in done]:  # in order: checkpoints stay a prefix
-                    try:
-                        self.advance(future.result())
-                    except BrokenProcessPool:
-                        lost.extend(running[future])
-                    del running[future]
-                if lost:  # the pool is broken: every chunk still in flight fails or has finished
-                    for future, chunk in running.items():
-                        try:
-                            self.advance(future.result())
-                        except BrokenProcessPool:
-                            lost.extend(chunk)
-                    return lost
-        return []
-
-    def _isolate(self, suspects: list[FoundFile]) -> list[FoundFile]:
-        """One worker, one file per task, one task at a time, each within the time limit: the
-        first file that crashes the worker or outlasts the limit is the culprit (the files after
-        it are returned to try again in a fresh worker)."""
-        with self._executor(1) as pool:
-            for i, found in enumerate(suspects):
-                try:
-                    self.advance(pool.submit(_identify_chunk, self.root, [found]).result(self.timeout_s))
-                    continue
-                except BrokenProcessPool:
-                    reason = "the reader crashed on this file"
-                except TimeoutError:
-                    _stop(pool)
-                    reason = f"the reader did not finish within {self.timeout_s:g} s"
-                log.warning("%s: %s", found.relpath, reason)
-                self.advance([ManifestEntry(found.relpath, found.size, found.mtime_ns, error=f"unreadable: {reason}")])
-                return suspects[i + 1 :]
-        return []
-
-
-def _stop(pool: ProcessPoolExecutor) -> None:
-    """Kill the pool's workers: one is stuck in a library call that may never return."""
-    for process in list(pool._processes.values()):  # no public way before Python 3.14
-        process.kill()
 
 
 def _previous(index_dir: Path, root: Path, fingerprint: str) -> Manifest | None:
