@@ -61,10 +61,13 @@ class CrawlConfig:
     # processes inspecting files; None = one per CPU (more can help on a high-latency network drive)
     workers: int | None = None
     checkpoint_s: float = 60.0  # write the manifest so far this often: a killed crawl resumes
-    file_timeout_s: float = 60.0  # a file whose reader takes longer gets an error row (a hung library)
+    file_timeout_s: float = 60.0  # a file whose reader makes no progress this long: error row / quarantine
     stats: bool = True  # run the statistics pass for capsules with new or changed files
     progress: bool = True
     stats_reservoir: int = 4096  # samples kept for the principal basis of field states
+    # processes of the statistics pass; None = one per CPU (shared by a node's ranks); 0 = this
+    # process, without the isolation that survives a reader crashing or hanging on a file
+    stats_workers: int | None = None
     n_components: int = 16  # principal components stored for field states
 
 

@@ -13,7 +13,7 @@ from ebm_vae import demo
 from ebm_vae.capsules import visible_capsules
 from ebm_vae.config import compose
 from ebm_vae.crawl.crawl import crawl
-from ebm_vae.data.stats import Moments, Reservoir, Stats, merge_stats, run_stats_pass
+from ebm_vae.data.stats import Moments, Sample, Stats, merge_stats, run_stats_pass
 
 USER_CAPSULE = """\
 name: probe
@@ -75,14 +75,23 @@ def test_chan_merge_of_two_halves_equals_the_whole():
         merge_stats(left, Stats.from_moments("other", state, Moments.of(x)))
 
 
-def test_reservoir_is_bounded_and_holds_every_state_until_full():
-    r = Reservoir(50, 1, seed=0)
-    r.add(np.arange(30, dtype=np.float32)[:, None])
-    assert sorted(r.sample[:, 0]) == list(range(30))
-    for start in range(30, 10_000, 997):
-        r.add(np.arange(start, min(start + 997, 10_000), dtype=np.float32)[:, None])
-    assert r.sample.shape == (50, 1) and len(np.unique(r.sample)) == 50
-    assert r.sample.max() > 5000  # later states do get in
+def test_sample_is_bounded_uniform_and_the_same_however_it_is_split():
+    states = np.arange(10_000, dtype=np.float32)[:, None]
+    keys = np.random.default_rng(0).random(10_000)
+    whole = Sample(50, 1)
+    whole.offer(keys, states)
+    assert whole.sample.shape == (50, 1) and len(np.unique(whole.sample)) == 50
+    np.testing.assert_array_equal(np.sort(whole.sample[:, 0]), np.sort(states[np.argsort(keys)[:50], 0]))
+    parts = [Sample(50, 1) for _ in range(3)]
+    for part, rows in zip(parts, np.array_split(np.arange(10_000), [17, 6000]), strict=True):
+        for chunk in np.array_split(rows, 5):
+            part.offer(keys[chunk], states[chunk])
+    merged = parts[2].merge(parts[0]).merge(parts[1])
+    np.testing.assert_array_equal(merged.sample, whole.sample)  # any split, any order
+    few = Sample(50, 1)
+    few.offer(keys[:30], states[:30])
+    assert sorted(few.sample[:, 0]) == list(range(30))  # fewer than the size: every state
+    assert whole.sample.max() > 5000  # later states do get in
 
 
 def test_stats_pass_equals_numpy_on_csv_and_parquet(tmp_path, caplog):

@@ -91,6 +91,18 @@ class Manifest:
         return sorted((e for e in self.entries() if e.capsule == capsule and e.error is None),
                       key=lambda e: e.path)
 
+    def set_errors(self, errors: dict[str, str], only_like: dict[str, tuple[int, int]] | None = None) -> None:
+        """Set the `error` of the rows of these paths (files found bad after the crawl: they
+        are no longer usable); with `only_like`, only rows whose (size, mtime_ns) match it."""
+        columns = {k: self.table[k].to_pylist() for k in ("path", "size", "mtime_ns", "error")}
+        new = list(columns["error"])
+        for i, (path, size, mtime_ns) in enumerate(zip(columns["path"], columns["size"],
+                                                       columns["mtime_ns"], strict=True)):
+            if path in errors and (only_like is None or only_like.get(path) == (size, mtime_ns)):
+                new[i] = errors[path]
+        self.table = self.table.set_column(self.table.schema.get_field_index("error"), "error",
+                                           pa.array(new, pa.string()))
+
     def file(self, entry: ManifestEntry) -> Path:
         """The absolute path of an entry."""
         return self.root / entry.path

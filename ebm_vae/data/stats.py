@@ -1,32 +1,47 @@
-"""Per-capsule state statistics (`index/<capsule>/stats.json`) and the streaming pass that makes them.
+"""Per-capsule state statistics (`index/<capsule>/stats.json`) and the pass that makes them.
 
-The pass reads every usable file of a capsule chunk by chunk through its extractor. Each
-chunk's moments are computed in float64 and merged into the running ones with Chan's parallel
-update, which is exact for any split of the data, so partial statistics of workers or ranks
-merge the same way (`merge_stats`). A sample with any NaN/Inf component is excluded (the
-stream drops it too, so the normalisation describes exactly what is trained on); NaN and Inf
-are counted per component. For field states a principal basis is kept: the top components of
-a bounded reservoir sample, in physical units centred at the mean.
+The pass reads every usable file of a capsule chunk by chunk through its extractor, a file per
+task in worker processes (`ebm_vae.data.filepass`: a file that crashes or hangs its reader is
+quarantined, not fatal; several ranks under torchrun/SLURM share the files). Each chunk's
+moments are computed in float64 and merged with Chan's parallel update, which is exact for any
+split of the data; files are merged in path order, so the result does not depend on the number
+of processes, and the ranks' totals merge the same way (equal to float64 rounding). A sample
+with any NaN/Inf component is excluded (the stream drops it too, so the normalisation describes
+exactly what is trained on); NaN and Inf are counted per component. For field states a
+principal basis is kept: the top components of a uniform sample of bounded size (`Sample`,
+mergeable), in physical units centred at the mean. The running total is saved every
+`crawl.checkpoint_s` seconds, so a killed pass resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import hashlib
 import json
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ebm_vae.config import CapsuleConfig
+from ebm_vae.data.cache import StateCache
 from ebm_vae.data.extractors import EXTRACTORS, StateInfo
-from ebm_vae.data.readers.base import one_line
-from ebm_vae.data.units import WorkUnit, chunk_samples, entry_plan, read_unit
-from ebm_vae.io import atomic_write_json
+from ebm_vae.data.filepass import (
+    Distributed,
+    FilePass,
+    FileResult,
+    FileTask,
+    default_workers,
+    quarantine,
+    share,
+)
+from ebm_vae.data.units import WorkUnit, block_grid, chunk_samples, entry_plan, path_seed
+from ebm_vae.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +125,9 @@ class Stats:
     inf_count: np.ndarray
     floored: list[int] = field(default_factory=list)
     pca: dict[str, np.ndarray] | None = None  # {"components": (k, D), "std": (k,)}
-    files: list[dict[str, Any]] = field(default_factory=list)  # [{path, size, mtime_ns}]
+    files: list[dict[str, Any]] = field(default_factory=list)  # [{path, size, mtime_ns, n_read, ...}]
     created: str = ""
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # [{path, size, mtime_ns, reason}]
 
     @property
     def state_info(self) -> StateInfo:
@@ -130,7 +146,8 @@ class Stats:
     @classmethod
     def from_moments(cls, capsule: str, state: StateInfo | dict[str, Any], m: Moments,
                      pca: dict[str, np.ndarray] | None = None,
-                     files: list[dict[str, Any]] | None = None) -> Stats:
+                     files: list[dict[str, Any]] | None = None,
+                     skipped: list[dict[str, Any]] | None = None) -> Stats:
         std, floored = floored_std(m.mean, m.raw_std)
         if floored:
             names = [StateInfo.from_dict(state).names[i] if isinstance(state, dict)
@@ -140,7 +157,8 @@ class Stats:
         return cls(capsule=capsule, state=state.to_dict() if isinstance(state, StateInfo) else state,
                    count=m.count, mean=m.mean, std=std, raw_std=m.raw_std, min=m.min, max=m.max,
                    nan_count=m.nan_count, inf_count=m.inf_count, floored=floored, pca=pca,
-                   files=list(files or []), created=dt.datetime.now(dt.timezone.utc).isoformat())
+                   files=list(files or []), created=dt.datetime.now(dt.timezone.utc).isoformat(),
+                   skipped=list(skipped or []))
 
     def to_dict(self) -> dict[str, Any]:
         arrays = {k: getattr(self, k).tolist() for k in
@@ -148,7 +166,7 @@ class Stats:
         pca = None if self.pca is None else {k: np.asarray(v).tolist() for k, v in self.pca.items()}
         return {"capsule": self.capsule, "state": self.state, "count": self.count, **arrays,
                 "floored": self.floored, "pca": pca, "files": self.files, "created": self.created,
-                "log_jacobian": self.log_jacobian}
+                "skipped": self.skipped, "log_jacobian": self.log_jacobian}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Stats:
@@ -157,7 +175,7 @@ class Stats:
         pca = None if d.get("pca") is None else {k: np.asarray(v, dtype=np.float64) for k, v in d["pca"].items()}
         return cls(capsule=d["capsule"], state=d["state"], count=int(d["count"]), **floats, **ints,
                    floored=list(d.get("floored", [])), pca=pca, files=list(d.get("files", [])),
-                   created=d.get("created", ""))
+                   created=d.get("created", ""), skipped=list(d.get("skipped", [])))
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_dict())
@@ -179,36 +197,76 @@ def merge_stats(a: Stats, b: Stats) -> Stats:
     pca = a.pca if a.count >= b.count else b.pca
     pca = pca if pca is not None else (b.pca if a.count >= b.count else a.pca)
     files = {f["path"]: f for f in a.files + b.files}
+    skipped = {f["path"]: f for f in a.skipped + b.skipped}
     return Stats.from_moments(a.capsule, a.state, a.moments.merge(b.moments), pca=pca,
-                              files=sorted(files.values(), key=lambda f: f["path"]))
+                              files=sorted(files.values(), key=lambda f: f["path"]),
+                              skipped=sorted(skipped.values(), key=lambda f: f["path"]))
 
 
-class Reservoir:
-    """A uniform random sample of at most `size` states from a stream (Algorithm R, vectorised)."""
+class Sample:
+    """A uniform sample, without replacement, of at most `size` finite states of a pass.
 
-    def __init__(self, size: int, dim: int, seed: int = 0):
-        self.data = np.empty((size, dim), dtype=np.float32)
-        self.seen = 0
-        self.rng = np.random.default_rng(seed)
+    Every state gets a random key, drawn in file order from a generator seeded by its file's
+    path, and the sample is the `size` states of smallest key: the same states whatever the
+    chunks, workers or ranks, and two samples merge by keeping the smallest keys of both. A
+    file offers only its states with a key below `threshold` (the pass sets it so that about
+    1.25 x `size` states qualify in all), so workers send little back.
+    """
 
-    def add(self, states: np.ndarray) -> None:
-        size = len(self.data)
-        fill = max(0, min(size - self.seen, len(states)))
-        self.data[self.seen : self.seen + fill] = states[:fill]
-        rest = states[fill:]
-        if len(rest):
-            index = self.seen + fill + np.arange(len(rest))
-            slots = self.rng.integers(0, index + 1)  # state i replaces slot j < size w.p. size/(i+1)
-            keep = slots < size
-            slots, rows = slots[keep], np.flatnonzero(keep)
-            # the last state drawn for a slot wins, as in the sequential algorithm
-            last = len(slots) - 1 - np.unique(slots[::-1], return_index=True)[1]
-            self.data[slots[last]] = rest[rows[last]]
-        self.seen += len(states)
+    def __init__(self, size: int, dim: int, threshold: float = 1.0):
+        self.size, self.threshold = size, threshold
+        self.keys = np.zeros(0)
+        self.states = np.zeros((0, dim), dtype=np.float32)
+
+    def offer(self, keys: np.ndarray, states: np.ndarray) -> None:
+        """Consider `states` (finite, float32) with their `keys`."""
+        keep = keys < self.threshold
+        if keep.any():
+            self._keep(np.concatenate([self.keys, keys[keep]]), np.concatenate([self.states, states[keep]]))
+
+    def merge(self, other: Sample) -> Sample:
+        out = Sample(self.size, self.states.shape[1], self.threshold)
+        out._keep(np.concatenate([self.keys, other.keys]), np.concatenate([self.states, other.states]))
+        return out
+
+    def _keep(self, keys: np.ndarray, states: np.ndarray) -> None:
+        order = np.argsort(keys, kind="stable")[: self.size]
+        self.keys, self.states = keys[order], states[order]
 
     @property
     def sample(self) -> np.ndarray:
-        return self.data[: min(self.seen, len(self.data))]
+        return self.states
+
+
+@dataclass
+class FilePartial:
+    """What one file contributes to the statistics (made and filled in a worker)."""
+
+    moments: Moments
+    sample: Sample | None
+    rng: np.random.Generator | None
+
+    def add(self, states: np.ndarray) -> None:
+        self.moments = self.moments.merge(Moments.of(states))
+        if self.sample is not None:
+            keys = self.rng.random(len(states))  # drawn for every state: independent of chunking
+            finite = np.isfinite(states).all(axis=1)
+            self.sample.offer(keys[finite], states[finite])
+
+
+@dataclass(frozen=True)
+class PartialFactory:
+    """A fresh `FilePartial` per file task (picklable: it travels to worker processes)."""
+
+    dim: int
+    sample_size: int  # 0: no sample (vector states)
+    threshold: float
+
+    def __call__(self, task: FileTask) -> FilePartial:
+        if not self.sample_size:
+            return FilePartial(Moments.empty(self.dim), None, None)
+        return FilePartial(Moments.empty(self.dim), Sample(self.sample_size, self.dim, self.threshold),
+                           np.random.default_rng(path_seed(task.unit.path)))
 
 
 def principal_basis(sample: np.ndarray, mean: np.ndarray, k: int, seed: int = 0,
@@ -243,59 +301,160 @@ def principal_basis(sample: np.ndarray, mean: np.ndarray, k: int, seed: int = 0,
     return {"components": vt[:k], "std": s[:k] / np.sqrt(n)}
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]stats {task.description}"), BarColumn(),
-                    TextColumn("{task.completed:,}/{task.total:,} samples"), TimeRemainingColumn(),
-                    disable=not enabled)
+@dataclass
+class PassTotal:
+    """The pass so far on one rank (merged in file order), or of all ranks (merged in rank order)."""
+
+    moments: Moments
+    sample: Sample | None
+    files: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    quarantined: dict[str, str] = field(default_factory=dict)  # path -> reason
+    done: int = 0  # tasks merged
+
+    def add(self, result: FileResult, unit: WorkUnit) -> None:
+        identity = {"path": unit.path, "size": unit.size, "mtime_ns": unit.mtime_ns}
+        if result.error is not None:
+            log.warning("skipping %s: %s", unit.path, result.error)
+            self.skipped.append({**identity, "reason": result.error})
+            if result.failure is not None:
+                self.quarantined[unit.path] = result.error
+        else:
+            self.moments = self.moments.merge(result.accumulator.moments)
+            if self.sample is not None:
+                self.sample = self.sample.merge(result.accumulator.sample)
+            self.files.append({**identity, **result.record()})
+        self.done += 1
+
+    def merge(self, other: PassTotal) -> PassTotal:
+        sample = None if self.sample is None else self.sample.merge(other.sample)
+        return PassTotal(self.moments.merge(other.moments), sample, self.files + other.files,
+                         self.skipped + other.skipped, {**self.quarantined, **other.quarantined},
+                         self.done + other.done)
+
+    def save(self, path: Path, identity: str) -> None:
+        """A resumable checkpoint (no pickles: arrays and a JSON string)."""
+        m = self.moments
+        sample = self.sample if self.sample is not None else Sample(0, len(m.mean))
+        meta = {"identity": identity, "done": self.done, "count": m.count, "files": self.files,
+                "skipped": self.skipped, "quarantined": self.quarantined}
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, mean=m.mean, m2=m.m2, min=m.min, max=m.max, nan_count=m.nan_count,
+                     inf_count=m.inf_count, sample_keys=sample.keys, sample_states=sample.states,
+                     meta=np.array(json.dumps(meta)))
+
+    @classmethod
+    def resume(cls, path: Path, identity: str, empty: PassTotal) -> PassTotal:
+        """The checkpoint at `path` if it was written by this very pass (same files, capsule,
+        ranks), else `empty`."""
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                meta = json.loads(str(saved["meta"]))
+                if meta["identity"] != identity:
+                    return empty
+                moments = Moments(int(meta["count"]), *(saved[k] for k in
+                                  ("mean", "m2", "min", "max", "nan_count", "inf_count")))
+                sample = None
+                if empty.sample is not None:
+                    sample = Sample(empty.sample.size, len(moments.mean), empty.sample.threshold)
+                    sample.keys, sample.states = saved["sample_keys"], saved["sample_states"]
+        except (OSError, ValueError, KeyError):
+            return empty
+        log.info("resuming the statistics pass after %d files (%s)", meta["done"], path.name)
+        return cls(moments, sample, meta["files"], meta["skipped"], meta["quarantined"], meta["done"])
 
 
-def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path, cfg: Any) -> Stats:
+def _pass_identity(capsule: CapsuleConfig, state: StateInfo, tasks: list[FileTask], rank: int, world: int,
+                   sample: Sample | None) -> str:
+    payload = json.dumps([capsule.name, list(state.shape), rank, world,
+                          None if sample is None else [sample.size, sample.threshold],
+                          [[t.unit.path, t.unit.size, t.unit.mtime_ns, t.grid.length, t.write_cache]
+                           for t in tasks]])
+    return hashlib.sha1(payload.encode()).hexdigest()
+
+
+def file_tasks(extractor: Any, entries: list, state: StateInfo, val_block: int,
+               cache: StateCache | None, skipped: list[dict[str, Any]]) -> list[tuple[WorkUnit, Any, bool]]:
+    """(whole-file unit, block grid, write to the cache) of every entry whose state is `state`;
+    the others are appended to `skipped` with a warning."""
+    out = []
+    for entry in entries:
+        plan = entry_plan(extractor, entry)
+        if plan.state != state:
+            reason = f"state shape {plan.state.shape} differs from the capsule's {state.shape}"
+            log.warning("skipping %s: %s", entry.path, reason)
+            skipped.append({"path": entry.path, "size": entry.size, "mtime_ns": entry.mtime_ns, "reason": reason})
+            continue
+        unit, grid = WorkUnit.whole(entry, plan), block_grid(plan, val_block)
+        out.append((unit, grid, cache is not None and cache.lookup(cache.key(unit, grid)) is None))
+    return out
+
+
+def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path, cfg: Any,
+                   cache: StateCache | None = None) -> Stats:
     """Statistics of every usable file of `capsule`, written to `index_dir/<capsule>/stats.json`.
 
-    `cfg` is a composed config with `crawl` (n_components, stats_reservoir, progress) and
-    `data` (chunk_bytes). Files whose state shape differs from the majority's are skipped with
-    a warning naming them, as are files that fail while being read.
+    `cfg` is a composed config with `crawl` (n_components, stats_reservoir, stats_workers,
+    file_timeout_s, checkpoint_s, progress) and `data` (chunk_bytes, val_block). Files whose
+    state shape differs from the majority's are skipped with a warning naming them, as are
+    files that fail while being read; files that crash or hang their reader are quarantined
+    in the manifest (and in `manifest`, in memory). With `cache`, files without a shard get one.
+    Under a launcher with several ranks every rank calls this; each reads its share.
     """
     extractor = EXTRACTORS[capsule.extractor](capsule)
     entries = manifest.usable(capsule.name)
     if not entries:
         raise ValueError(f"capsule '{capsule.name}' has no usable files under data.root={manifest.root} "
                          f"(see the error column of {Path(index_dir) / 'manifest.parquet'})")
-    plans = [entry_plan(extractor, e) for e in entries]
-    state = Counter(p.state for p in plans).most_common(1)[0][0]
-    chunk = chunk_samples(state, cfg.data.chunk_bytes)
-    reservoir = Reservoir(cfg.crawl.stats_reservoir, state.dim, seed=0) if state.kind == "field" else None
-    total, files, skipped = Moments.empty(state.dim), [], []
-    root = Path(manifest.root)
-    with _progress(cfg.crawl.progress) as progress:
-        task = progress.add_task(capsule.name, total=sum(p.n_samples for p in plans if p.state == state))
-        for entry, plan in zip(entries, plans, strict=True):
-            if plan.state != state:
-                log.warning("skipping %s: state shape %s differs from the capsule's %s",
-                            entry.path, plan.state.shape, state.shape)
-                skipped.append(entry.path)
-                continue
-            unit = WorkUnit.whole(entry, plan)
-            part = Moments.empty(state.dim)
-            try:
-                for states in read_unit(extractor, root, unit, chunk):
-                    part = part.merge(Moments.of(states))
-                    if reservoir is not None:
-                        reservoir.add(states[np.isfinite(states).all(axis=1)])
-                    progress.advance(task, len(states))
-            except Exception as exc:  # a bad file never stops the pass; its partial moments are dropped
-                log.warning("skipping %s: %s", entry.path, one_line(exc))
-                skipped.append(entry.path)
-                continue
-            total = total.merge(part)
-            files.append({"path": entry.path, "size": entry.size, "mtime_ns": entry.mtime_ns})
-    if skipped:
-        log.warning("statistics of %s: %d of %d usable files skipped (reasons above), %d counted",
-                    capsule.name, len(skipped), len(entries), len(files))
-    if total.count == 0:
-        raise ValueError(f"capsule '{capsule.name}': no finite samples in {len(entries)} usable files")
-    pca = principal_basis(reservoir.sample, total.mean, cfg.crawl.n_components) if reservoir else None
-    stats = Stats.from_moments(capsule.name, state, total, pca=pca, files=files)
-    stats.save(Path(index_dir) / capsule.name / "stats.json")
+    state = Counter(entry_plan(extractor, e).state for e in entries).most_common(1)[0][0]
+    index_dir = Path(index_dir)
+    with Distributed() as ranks:
+        total, checkpoint = _run_pass(manifest, capsule, cfg, cache, extractor, entries, state, ranks,
+                                      index_dir / capsule.name)
+        quarantine(index_dir if ranks.rank == 0 else None, manifest, total.quarantined)
+        if total.skipped:
+            log.warning("statistics of %s: %d of %d usable files skipped (reasons above), %d counted",
+                        capsule.name, len(total.skipped), len(entries), len(total.files))
+        if total.moments.count == 0:
+            raise ValueError(f"capsule '{capsule.name}': no finite samples in {len(entries)} usable files")
+        sample = total.sample.sample if total.sample is not None else None
+        pca = principal_basis(sample, total.moments.mean, cfg.crawl.n_components) if sample is not None else None
+        stats = Stats.from_moments(capsule.name, state, total.moments, pca=pca,
+                                   files=sorted(total.files, key=lambda f: f["path"]),
+                                   skipped=sorted(total.skipped, key=lambda f: f["path"]))
+        if ranks.rank == 0:
+            stats.save(index_dir / capsule.name / "stats.json")
+        ranks.barrier()
+        checkpoint.unlink(missing_ok=True)
     return stats
 
+
+def _run_pass(manifest: Any, capsule: CapsuleConfig, cfg: Any, cache: StateCache | None, extractor: Any,
+              entries: list, state: StateInfo, ranks: Distributed, folder: Path) -> tuple[PassTotal, Path]:
+    """This rank's share of the files, resumed from its checkpoint; then every rank's total,
+    merged in rank order (the same on every rank). Returns it and the checkpoint's path."""
+    skipped: list[dict[str, Any]] = []
+    planned = file_tasks(extractor, entries, state, cfg.data.val_block, cache, skipped)
+    size = cfg.crawl.stats_reservoir if state.kind == "field" else 0
+    threshold = min(1.0, 1.25 * size / max(1, sum(unit.plan.n_samples for unit, _, _ in planned)))
+    shares = share([FileTask(0, u, g, w) for u, g, w in planned], ranks.rank, ranks.world)
+    mine = [FileTask(i, t.unit, t.grid, t.write_cache) for i, t in enumerate(shares)]
+    empty = PassTotal(Moments.empty(state.dim), Sample(size, state.dim, threshold) if size else None,
+                      skipped=skipped if ranks.rank == 0 else [])
+    identity = _pass_identity(capsule, state, mine, ranks.rank, ranks.world, empty.sample)
+    checkpoint = folder / f"stats.partial-{ranks.rank}-of-{ranks.world}.npz"
+    total = PassTotal.resume(checkpoint, identity, empty)
+    last_save = time.monotonic()
+
+    def merge(result: FileResult) -> None:
+        nonlocal last_save
+        total.add(result, mine[result.index].unit)
+        if time.monotonic() - last_save >= cfg.crawl.checkpoint_s and total.done < len(mine):
+            total.save(checkpoint, identity)
+            last_save = time.monotonic()
+
+    FilePass(extractor, Path(manifest.root), chunk_samples(state, cfg.data.chunk_bytes),
+             PartialFactory(state.dim, size, threshold), cache,
+             default_workers(cfg.crawl.get("stats_workers"), len(mine)), cfg.crawl.file_timeout_s,
+             merge, progress=cfg.crawl.progress, description=f"stats {capsule.name}").run(mine[total.done :])
+    return functools.reduce(PassTotal.merge, ranks.all_gather(total)), checkpoint

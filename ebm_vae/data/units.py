@@ -81,7 +81,7 @@ def block_grid(plan: FilePlan, val_block: int) -> BlockGrid:
     return BlockGrid(max(1, math.ceil(samples * plan.extent / plan.n_samples)), plan.extent)
 
 
-def _path_seed(path: str) -> int:
+def path_seed(path: str) -> int:
     return int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "big")
 
 
@@ -90,7 +90,7 @@ def holdout_blocks(path: str, n_blocks: int, fraction: float) -> np.ndarray:
     if fraction <= 0 or n_blocks == 0:
         return np.zeros(0, dtype=np.int64)
     strata = int(math.ceil(n_blocks * fraction)) + 1
-    u = np.random.default_rng(_path_seed(path)).random(strata)
+    u = np.random.default_rng(path_seed(path)).random(strata)
     picked = np.floor((np.arange(strata) + u) / fraction).astype(np.int64)
     return np.unique(picked[picked < n_blocks])
 
@@ -251,7 +251,7 @@ def plan_units(entries: Iterable[ManifestEntry], extractor: Extractor, state: St
         max(files, key=lambda f: f[2].n_blocks)[3] = np.zeros(0, dtype=np.int64)
     elif val_fraction > 0 and n_blocks >= 2 and n_held == 0:
         largest = max(files, key=lambda f: f[2].n_blocks)
-        u = np.random.default_rng(_path_seed(largest[0].path)).random()
+        u = np.random.default_rng(path_seed(largest[0].path)).random()
         largest[3] = np.array([int(u * largest[2].n_blocks)])
     split = Split(val_fraction=val_fraction)
     for entry, plan, grid, held in files:
