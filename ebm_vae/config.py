@@ -37,6 +37,7 @@ class PathsConfig:
     checkpoints: str = "${paths.root}/checkpoints"
     energy_maps: str = "${paths.root}/energy_maps"
     logs: str = "${paths.root}/logs"
+    cache: str = "${paths.root}/cache"  # extracted states (data.cache)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class DataConfig:
     seed: int = 0
     pin_memory: bool | None = None  # None = pin when CUDA is available
     batches_per_epoch: int | None = None  # None = derived from the manifest, equal for every rank
+    cache: str = "auto"  # auto | on | off: extracted states under paths.cache, streamed every epoch
 
 
 @dataclass

@@ -348,6 +348,7 @@ def crawl(cfg: DictConfig) -> Manifest:
     summarize(manifest, capsules, Console())
 
     if cfg.crawl.stats:  # imported here: the statistics pass pulls in the stream (and torch)
+        from ebm_vae.data.cache import state_cache
         from ebm_vae.data.stats import run_stats_pass
 
         gained = {e.capsule for e in fresh if e.capsule is not None and e.error is None}
@@ -355,5 +356,7 @@ def crawl(cfg: DictConfig) -> Manifest:
         usable_now = _usable_capsules(manifest.table)
         for name in sorted(usable_now):
             if name in changed or not (index_dir / name / "stats.json").is_file():
-                run_stats_pass(manifest, capsules[name], index_dir, cfg)
+                # the first read of the files' data: it fills the state cache (data.cache) too
+                run_stats_pass(manifest, capsules[name], index_dir, cfg,
+                               state_cache(cfg, capsules[name], manifest))
     return manifest

@@ -191,10 +191,10 @@ class Shard:
 
 class OpenShards:
     """The shards a stream process has opened, most recent last (memory maps are cheap to keep,
-    but each holds a file descriptor)."""
+    but each holds a file descriptor). `shards`: unit path -> the shard's `.npy` path."""
 
-    def __init__(self, shards: dict[str, tuple[str, dict[str, Any]]], size: int = 256):
-        self.paths = shards  # unit path -> (array path, index as a dict)
+    def __init__(self, shards: dict[str, str], size: int = 256):
+        self.paths = shards
         self.size = size
         self.open: OrderedDict[str, Shard] = OrderedDict()
 
@@ -206,8 +206,9 @@ class OpenShards:
         if shard is None:
             if len(self.open) >= self.size:
                 self.open.popitem(last=False)
-            array, index = self.paths[path]
-            shard = Shard(Path(array), ShardIndex(**index))
+            array = Path(self.paths[path])
+            index = ShardIndex(**json.loads(array.with_suffix(".json").read_text(encoding="utf-8")))
+            shard = Shard(array, index)
         self.open[path] = shard
         return shard
 
@@ -240,3 +241,19 @@ def resolve_mode(mode: str, entries: Iterable[Any], state: StateInfo, directory:
         log.warning("not caching states: %s", message)
         return False
     return True
+
+
+def state_cache(cfg: Any, capsule: CapsuleConfig, manifest: Any) -> StateCache | None:
+    """The state cache of `capsule` under `cfg.paths.cache`, or None when `cfg.data.cache`
+    (resolved for this capsule's files) says not to cache."""
+    from ebm_vae.data.extractors import EXTRACTORS
+    from ebm_vae.data.units import majority_state
+
+    entries = manifest.usable(capsule.name)
+    if not entries:
+        return None
+    state = majority_state(EXTRACTORS[capsule.extractor](capsule), entries)
+    directory = Path(cfg.paths.cache) / capsule.name
+    if not resolve_mode(cfg.data.cache, entries, state, directory):
+        return None
+    return StateCache(directory, capsule_fingerprint(capsule), state)

@@ -19,10 +19,12 @@ from torch.utils.data import DataLoader
 from ebm_vae.capsules import parse_capsule
 from ebm_vae.config import CapsuleConfig
 from ebm_vae.crawl.manifest import Manifest, read_manifest
+from ebm_vae.data.cache import StateCache, state_cache
 from ebm_vae.data.extractors import EXTRACTORS, StateInfo
+from ebm_vae.data.filepass import fill_cache
 from ebm_vae.data.stats import Stats, run_stats_pass
 from ebm_vae.data.stream import StateStream, stream_args
-from ebm_vae.data.units import plan_units, split_warnings
+from ebm_vae.data.units import WorkUnit, block_grid, entry_plan, plan_units, split_warnings
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +48,16 @@ class StreamLoader(DataLoader):
 
 
 class CapsuleDataModule(L.LightningDataModule):
-    def __init__(self, data_cfg: Any, capsule: CapsuleConfig, manifest: Manifest, stats: Stats):
+    def __init__(self, data_cfg: Any, capsule: CapsuleConfig, manifest: Manifest, stats: Stats,
+                 cache: StateCache | None = None):
         super().__init__()
         self.cfg = data_cfg
         self.capsule = capsule
         self.stats = stats
         self.root = Path(data_cfg.root) if data_cfg.root else manifest.root
         self.extractor = EXTRACTORS[capsule.extractor](capsule)
-        split = plan_units(manifest.usable(capsule.name), self.extractor, self.state, data_cfg.unit_samples,
+        entries = manifest.usable(capsule.name)
+        split = plan_units(entries, self.extractor, self.state, data_cfg.unit_samples,
                            data_cfg.unit_bytes, data_cfg.val_fraction, data_cfg.val_block)
         if not split.train:
             raise ValueError(f"capsule '{capsule.name}': no usable files of state shape "
@@ -62,6 +66,8 @@ class CapsuleDataModule(L.LightningDataModule):
         self.split = split.report({f["path"]: f["blocks"] for f in stats.files if "blocks" in f})
         for line in split_warnings(self.split):
             log.warning("capsule %s: %s", capsule.name, line)
+        self.shards = cached_shards(cache, self.extractor, entries, split) if cache is not None else {}
+        self.streams: dict[str, StateStream] = {}  # the loaders' streams, for the run's summary
 
     @property
     def state(self) -> StateInfo:
@@ -69,11 +75,13 @@ class CapsuleDataModule(L.LightningDataModule):
 
     def stream(self, train: bool) -> StateStream:
         return StateStream(self.train_units if train else self.val_units, self.extractor, self.state,
-                           self.root, train=train, **stream_args(self.cfg))
+                           self.root, train=train, shards=self.shards, n_slots=max(1, self.cfg.num_workers),
+                           **stream_args(self.cfg))
 
     def _loader(self, train: bool) -> StreamLoader:
         workers = self.cfg.num_workers
-        return StreamLoader(self.stream(train), epoch_source=self._current_epoch if train else None,
+        stream = self.streams["train" if train else "val"] = self.stream(train)
+        return StreamLoader(stream, epoch_source=self._current_epoch if train else None,
                             num_workers=workers, persistent_workers=workers > 0,
                             pin_memory=self._pin_memory())
 
@@ -96,11 +104,34 @@ class CapsuleDataModule(L.LightningDataModule):
         return torch.cuda.is_available()
 
 
+def cached_shards(cache: StateCache, extractor: Any, entries: list, split: Any) -> dict[str, str]:
+    """Unit path -> `.npy` of its complete shard, for the files the cache holds on the split's blocks."""
+    grids = {f.path: f.grid for f in split.files}
+    shards = {}
+    for entry in entries:
+        grid = grids.get(entry.path)
+        if grid is None:
+            continue
+        key = cache.key(WorkUnit.whole(entry, entry_plan(extractor, entry)), grid)
+        if cache.lookup(key) is not None:
+            shards[entry.path] = str(cache.files(key)[0])
+    return shards
+
+
 def load_index(cfg: Any, capsule: CapsuleConfig) -> tuple[Manifest, Stats]:
-    """The manifest and the capsule's statistics under `cfg.paths.index`.
+    """The manifest and the capsule's statistics under `cfg.paths.index` (see `load_data`)."""
+    manifest, stats, _ = load_data(cfg, capsule)
+    return manifest, stats
+
+
+def load_data(cfg: Any, capsule: CapsuleConfig) -> tuple[Manifest, Stats, StateCache | None]:
+    """The manifest, the capsule's statistics under `cfg.paths.index`, and its state cache.
 
     Crawls `cfg.data.root` when there is no manifest (or it indexes another root), and runs the
-    statistics pass when the capsule has no `stats.json` yet.
+    statistics pass when the capsule has no `stats.json` yet. With the state cache on
+    (`data.cache`), the files it lacks are extracted into it (by the statistics pass when it
+    runs, else by a fill pass); both read files in isolated processes, so a file that crashes or
+    hangs its reader is quarantined before training starts.
     """
     index = Path(cfg.paths.index)
     data_root = Path(cfg.data.root).resolve() if cfg.data.root else None
@@ -116,15 +147,43 @@ def load_index(cfg: Any, capsule: CapsuleConfig) -> tuple[Manifest, Stats]:
 
         log.info("crawling %s into %s", data_root, index)
         manifest = crawl(cfg)
+    cache = state_cache(cfg, capsule, manifest)
     stats_path = index / capsule.name / "stats.json"
     if stats_path.is_file():
-        return manifest, Stats.load(stats_path)
-    log.info("running the statistics pass for %s", capsule.name)
-    return manifest, run_stats_pass(manifest, capsule, index, cfg)
+        stats = Stats.load(stats_path)
+        if cache is not None:
+            fill_cache(manifest, capsule, cfg, cache, index)
+    else:
+        log.info("running the statistics pass for %s", capsule.name)
+        stats = run_stats_pass(manifest, capsule, index, cfg, cache)
+    if cache is not None:
+        extractor = EXTRACTORS[capsule.extractor](capsule)
+        keep = set()
+        for entry in manifest.usable(capsule.name):
+            plan = entry_plan(extractor, entry)
+            keep.add(cache.key(WorkUnit.whole(entry, plan), block_grid(plan, cfg.data.val_block)))
+        removed = cache.prune(keep)
+        if removed:
+            log.info("state cache of %s: removed %d shards of changed or deleted files", capsule.name, removed)
+    warn_unread(capsule.name, manifest, stats, cache)
+    return manifest, stats, cache
+
+
+def warn_unread(capsule: str, manifest: Manifest, stats: Stats, cache: StateCache | None) -> None:
+    """Files the statistics pass never read cannot be known not to crash their reader."""
+    if cache is not None:
+        return  # the fill pass has read every file the cache lacked, in isolation
+    seen = {(f["path"], f["size"], f["mtime_ns"]) for f in stats.files + stats.skipped if "size" in f}
+    unread = [e.path for e in manifest.usable(capsule) if (e.path, e.size, e.mtime_ns) not in seen]
+    if unread:
+        log.warning("capsule %s: %d files were never read by the statistics pass (crawled with "
+                    "crawl.stats=false?), e.g. %s; a reader that crashes on one would stop training. "
+                    "Re-run the statistics (ebm-vae-crawl) or set data.cache=on.", capsule, len(unread),
+                    ", ".join(unread[:3]))
 
 
 def datamodule_from_config(cfg: Any) -> CapsuleDataModule:
     """The data module of `cfg.capsule` from a composed train config."""
     capsule = parse_capsule(cfg.capsule, source=f"capsule '{cfg.capsule.get('name', '?')}'")
-    manifest, stats = load_index(cfg, capsule)
-    return CapsuleDataModule(cfg.data, capsule, manifest, stats)
+    manifest, stats, cache = load_data(cfg, capsule)
+    return CapsuleDataModule(cfg.data, capsule, manifest, stats, cache)

@@ -32,10 +32,17 @@ import numpy as np
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ebm_vae.data.cache import StateCache
-from ebm_vae.data.extractors import Extractor
+from ebm_vae.data.extractors import Extractor, StateInfo
 from ebm_vae.data.readers import READERS
 from ebm_vae.data.readers.base import one_line
-from ebm_vae.data.units import BYTE_EXTENT_FORMATS, BlockGrid, WorkUnit, check_unchanged
+from ebm_vae.data.units import (
+    BYTE_EXTENT_FORMATS,
+    BlockGrid,
+    WorkUnit,
+    block_grid,
+    check_unchanged,
+    entry_plan,
+)
 from ebm_vae.isolation import Failure, IsolatedPool, heartbeat
 
 log = logging.getLogger(__name__)
@@ -196,6 +203,23 @@ class FilePass:
             self._next += 1
 
 
+def file_tasks(extractor: Any, entries: list, state: StateInfo, val_block: int,
+               cache: StateCache | None, skipped: list[dict[str, Any]]) -> list[tuple[WorkUnit, Any, bool]]:
+    """(whole-file unit, block grid, write to the cache) of every entry whose state is `state`;
+    the others are appended to `skipped` with a warning."""
+    out = []
+    for entry in entries:
+        plan = entry_plan(extractor, entry)
+        if plan.state != state:
+            reason = f"state shape {plan.state.shape} differs from the capsule's {state.shape}"
+            log.warning("skipping %s: %s", entry.path, reason)
+            skipped.append({"path": entry.path, "size": entry.size, "mtime_ns": entry.mtime_ns, "reason": reason})
+            continue
+        unit, grid = WorkUnit.whole(entry, plan), block_grid(plan, val_block)
+        out.append((unit, grid, cache is not None and cache.lookup(cache.key(unit, grid)) is None))
+    return out
+
+
 def default_workers(configured: int | None, n_files: int) -> int:
     """`crawl.stats_workers`, or one per CPU this process may use, shared by the ranks of a node."""
     if configured is not None:
@@ -302,3 +326,44 @@ def quarantine(index_dir: str | Path | None, manifest: Any, failed: dict[str, st
     on_disk.set_errors(errors, only_like={e.path: (e.size, e.mtime_ns) for e in manifest.entries()
                                           if e.path in failed})
     write_manifest(on_disk, index_dir)
+
+
+class _Nothing:
+    """The accumulator of a pass that only fills the cache."""
+
+    def add(self, states: np.ndarray) -> None:
+        pass
+
+
+def _nothing(task: FileTask) -> _Nothing:
+    return _Nothing()
+
+
+def fill_cache(manifest: Any, capsule: Any, cfg: Any, cache: StateCache, index_dir: str | Path) -> int:
+    """Write the shards that `cache` lacks for `capsule`'s usable files (statistics already
+    exist): the same isolated pass, quarantining the same way. Returns the files read."""
+    from ebm_vae.data.extractors import EXTRACTORS
+    from ebm_vae.data.units import chunk_samples
+
+    extractor = EXTRACTORS[capsule.extractor](capsule)
+    todo = [FileTask(0, u, g, w) for u, g, w in file_tasks(extractor, manifest.usable(capsule.name), cache.state,
+                                                            cfg.data.val_block, cache, []) if w]
+    if not todo:
+        return 0
+    failed: dict[str, str] = {}
+
+    def collect(result: FileResult) -> None:
+        if result.failure is not None:
+            failed[result.path] = result.error
+        elif result.error is not None:
+            log.warning("not caching %s: %s", result.path, result.error)
+
+    with Distributed() as ranks:
+        mine = [FileTask(i, t.unit, t.grid, True) for i, t in enumerate(share(todo, ranks.rank, ranks.world))]
+        FilePass(extractor, Path(manifest.root), chunk_samples(cache.state, cfg.data.chunk_bytes), _nothing,
+                 cache, default_workers(cfg.crawl.get("stats_workers"), len(mine)), cfg.crawl.file_timeout_s,
+                 collect, progress=cfg.crawl.progress, description=f"cache {capsule.name}").run(mine)
+        failures = {p: r for part in ranks.all_gather(failed) for p, r in part.items()}
+        quarantine(index_dir if ranks.rank == 0 else None, manifest, failures)
+        ranks.barrier()
+    return len(todo)

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,10 +36,11 @@ from ebm_vae.data.filepass import (
     FileResult,
     FileTask,
     default_workers,
+    file_tasks,
     quarantine,
     share,
 )
-from ebm_vae.data.units import WorkUnit, block_grid, chunk_samples, entry_plan, path_seed
+from ebm_vae.data.units import WorkUnit, chunk_samples, majority_state, path_seed
 from ebm_vae.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -373,23 +373,6 @@ def _pass_identity(capsule: CapsuleConfig, state: StateInfo, tasks: list[FileTas
     return hashlib.sha1(payload.encode()).hexdigest()
 
 
-def file_tasks(extractor: Any, entries: list, state: StateInfo, val_block: int,
-               cache: StateCache | None, skipped: list[dict[str, Any]]) -> list[tuple[WorkUnit, Any, bool]]:
-    """(whole-file unit, block grid, write to the cache) of every entry whose state is `state`;
-    the others are appended to `skipped` with a warning."""
-    out = []
-    for entry in entries:
-        plan = entry_plan(extractor, entry)
-        if plan.state != state:
-            reason = f"state shape {plan.state.shape} differs from the capsule's {state.shape}"
-            log.warning("skipping %s: %s", entry.path, reason)
-            skipped.append({"path": entry.path, "size": entry.size, "mtime_ns": entry.mtime_ns, "reason": reason})
-            continue
-        unit, grid = WorkUnit.whole(entry, plan), block_grid(plan, val_block)
-        out.append((unit, grid, cache is not None and cache.lookup(cache.key(unit, grid)) is None))
-    return out
-
-
 def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path, cfg: Any,
                    cache: StateCache | None = None) -> Stats:
     """Statistics of every usable file of `capsule`, written to `index_dir/<capsule>/stats.json`.
@@ -406,7 +389,7 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
     if not entries:
         raise ValueError(f"capsule '{capsule.name}' has no usable files under data.root={manifest.root} "
                          f"(see the error column of {Path(index_dir) / 'manifest.parquet'})")
-    state = Counter(entry_plan(extractor, e).state for e in entries).most_common(1)[0][0]
+    state = majority_state(extractor, entries)
     index_dir = Path(index_dir)
     with Distributed() as ranks:
         total, checkpoint = _run_pass(manifest, capsule, cfg, cache, extractor, entries, state, ranks,

@@ -20,8 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ebm_vae.data.cache import OpenShards, read_cached
 from ebm_vae.data.extractors import Extractor, StateInfo
 from ebm_vae.data.readers.base import one_line
+from ebm_vae.data.report import StreamCounters
+from ebm_vae.data.shuffle import ShuffleBuffer, WindowShuffle
 from ebm_vae.data.units import OpenFiles, WorkUnit, chunk_samples, read_unit
 
 log = logging.getLogger(__name__)
@@ -44,102 +47,6 @@ def split_units(units: Sequence[WorkUnit], rank: int, world: int, worker: int,
             mine.append(unit)
         heapq.heappush(heap, (load + unit.n_samples, share))
     return mine
-
-
-class ShuffleBuffer:
-    """At most `capacity` states in fixed slots; batches are drawn without replacement.
-
-    When the buffer is full, three quarters of it (whole batches, at least one) go out and
-    the freed slots take the next states, so memory is `capacity` states
-    whatever the file size. The randomness is in where states are put, not in a fresh
-    permutation per draw (which cost more than reading Parquet): the first fill writes the
-    arriving states to a random permutation of the slots, each refill writes them to the freed
-    slots in the order of a random permutation of the draw drawn once per buffer, and a draw
-    takes its slots consecutively (cyclically) from a uniformly random start. Quality kept:
-    in every draw each held state goes out with the same probability, drawn/capacity (about
-    3/4; so how long a state stays is distributed as with uniform draws), and the states of a batch are spread over the
-    arrivals of the last refills rather than neighbours in a file; not kept: which states go
-    out together is not fresh per draw but follows that fixed placement. A draw from a buffer
-    that is not full (the end of a pass) is uniform. Rows are moved as single opaque items (a
-    void view), one copy in and one out, which is what makes the buffer cheap for both 2-value
-    and 12,288-value states.
-    """
-
-    def __init__(self, capacity: int, batch_size: int, dim: int, rng: np.random.Generator,
-                 storage: np.ndarray | None = None):
-        """`storage`: a (>= capacity, dim) float32 array to reuse; the first writes to fresh
-        memory page-fault, which for a 256 MB buffer costs as much as an epoch of small files."""
-        self.capacity = max(capacity, batch_size)
-        self.batch_size = batch_size
-        if storage is None or storage.shape[0] < self.capacity or storage.shape[1] != dim:
-            storage = np.empty((self.capacity, dim), dtype=np.float32)
-        self.data = storage[: self.capacity]
-        self.rows = self.data.view(np.dtype((np.void, 4 * dim))).reshape(-1)
-        self.free = rng.permutation(self.capacity)  # empty slots, filled front first
-        self.draw_batches = max(1, self.capacity * 3 // 4 // batch_size)
-        self.refill = rng.permutation(self.draw_batches * batch_size)  # offsets in a drawn run
-        self._refill_slots = np.empty_like(self.refill)
-        self.rng = rng
-
-    @property
-    def size(self) -> int:
-        return self.capacity - len(self.free)
-
-    def push(self, states: np.ndarray) -> Iterator[np.ndarray]:
-        """Add (n, D) float32 states; yield batches each time the buffer fills."""
-        pos = 0
-        while pos < len(states):
-            take = min(len(self.free), len(states) - pos)
-            part = np.ascontiguousarray(states[pos : pos + take])
-            self.rows[self.free[:take]] = part.view(self.rows.dtype).reshape(-1)
-            self.free = self.free[take:]
-            pos += take
-            if not len(self.free):
-                yield from self._draw(self.draw_batches)
-
-    def drain(self) -> Iterator[np.ndarray]:
-        """The whole batches the buffer holds, shuffled; under one batch stays for later."""
-        if self.size >= self.batch_size:
-            yield from self._draw(self.size // self.batch_size)
-
-    def _draw(self, n_batches: int) -> Iterator[np.ndarray]:
-        """`n_batches` batches; from a full buffer, consecutive slots from a random start."""
-        if len(self.free) or n_batches != self.draw_batches:
-            yield from self._draw_uniform(n_batches)
-            return
-        start = int(self.rng.integers(self.capacity))
-        for i in range(self.draw_batches):
-            yield self._run((start + i * self.batch_size) % self.capacity)
-        # their states are out: slots reusable. Into memory made once (already consumed by
-        # push): a fresh array this size page-faults on every write, which costs 3x the `%`.
-        self.free = np.remainder(np.add(self.refill, start, out=self._refill_slots), self.capacity,
-                                 out=self._refill_slots)
-
-    def _run(self, first: int) -> np.ndarray:
-        """One batch from the slots `first`, `first` + 1, ... (cyclically)."""
-        out = np.empty((self.batch_size, self.data.shape[1]), dtype=np.float32)
-        head = min(self.batch_size, self.capacity - first)
-        out[:head] = self.data[first : first + head]
-        out[head:] = self.data[: self.batch_size - head]
-        return out
-
-    def _draw_uniform(self, n_batches: int) -> Iterator[np.ndarray]:
-        """Uniform draws without replacement from what a partly filled buffer holds."""
-        held = np.ones(self.capacity, dtype=bool)
-        held[self.free] = False
-        occupied = np.flatnonzero(held)
-        picked = occupied[self.rng.choice(len(occupied), n_batches * self.batch_size, replace=False)]
-        for start in range(0, len(picked), self.batch_size):
-            yield self._gather(picked[start : start + self.batch_size])
-        self.free = np.concatenate([self.free, picked])  # their states are out: slots reusable
-
-    def _gather(self, slots: np.ndarray) -> np.ndarray:
-        """One batch. Allocated per batch, not per draw: allocations of a few MB are recycled
-        by malloc, while a draw-sized one (up to the whole buffer) would be mapped fresh from the
-        OS every time and page-fault on every write."""
-        out = np.empty((len(slots), self.data.shape[1]), dtype=np.float32)
-        np.take(self.rows, slots, out=out.view(self.rows.dtype).reshape(-1))
-        return out
 
 
 def _batched(chunks: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
@@ -187,15 +94,22 @@ class StateStream(IterableDataset):
     Validation (`train=False`): no shuffling or cycling; each share reads its units in order
     once, every sample exactly once over all shares; the last batch of a share may be partial.
 
+    With `shards` (unit path -> a state cache shard: `ebm_vae.data.cache`), those files' states
+    come from the cache; when every unit is cached, training shuffles windows of row indices
+    (`WindowShuffle`) instead of the buffer.
+
     Samples with a NaN/Inf component are dropped and counted. A file that is missing, changed
     since the crawl (size/mtime) or unreadable is skipped with a one-line warning naming it.
+    `counters` (shared memory, `n_slots` >= the DataLoader's workers) total what every worker
+    read, dropped and skipped; `dropped` and `skipped` hold this process's own.
     """
 
     def __init__(self, units: Sequence[WorkUnit], extractor: Extractor, state: StateInfo, root: str | Path,
                  batch_size: int, *, train: bool = True, seed: int = 0, shuffle_buffer: int = 65536,
                  shuffle_buffer_bytes: int = 256 << 20, chunk_bytes: int = 8 << 20,
-                 batches_per_epoch: int | None = None,
-                 rank: int | None = None, world: int | None = None):
+                 batches_per_epoch: int | None = None, rank: int | None = None,
+                 world: int | None = None, shards: dict[str, tuple[str, dict]] | None = None,
+                 n_slots: int = 1):
         super().__init__()
         self.units = list(units)
         self.extractor = extractor
@@ -211,9 +125,13 @@ class StateStream(IterableDataset):
         # shared memory: persistent DataLoader workers see set_epoch made in the main process
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.n_samples = sum(u.n_samples for u in self.units)
+        self.shards = dict(shards or {})
+        self.cached = bool(self.units) and all(u.path in self.shards for u in self.units)
+        self.counters = StreamCounters(n_slots)
         self.dropped = 0  # non-finite samples dropped by this process's iterators
         self.skipped: dict[str, str] = {}  # path -> reason, files skipped by this process
         self._storage: np.ndarray | None = None  # the shuffle buffer's memory, made in the worker
+        self._slot = 0  # this process's slot of the counters (its DataLoader worker id)
 
     def __getstate__(self) -> dict[str, Any]:
         """What goes to a spawned DataLoader worker: never the shuffle buffer's memory."""
@@ -252,6 +170,7 @@ class StateStream(IterableDataset):
     def iter_share(self, rank: int, world: int, worker: int, n_workers: int) -> Iterator[np.ndarray]:
         """The (batch, D) float32 batches of one (rank, worker) share for the current epoch."""
         epoch = self.epoch
+        self._slot = worker
         if not self.train:
             mine = split_units(self.units, rank, world, worker, n_workers)
             yield from _batched(self._states(mine), self.batch_size)
@@ -264,25 +183,31 @@ class StateStream(IterableDataset):
         if budget == 0:
             return
         rng = np.random.default_rng([self.seed, epoch, rank, worker])
-        storage, self._storage = self._storage, None  # reused across epochs, one iterator at a time
-        buffer = ShuffleBuffer(self.shuffle_buffer, self.batch_size, self.state.dim, rng, storage)
-        batches = self._train_batches(mine, units, buffer)
+        if self.cached:
+            shuffler = WindowShuffle(self.shuffle_buffer, self.batch_size, self.state.dim, rng)
+            batches = self._train_batches(mine, units, shuffler, self._cached_rows)
+        else:
+            storage, self._storage = self._storage, None  # reused across epochs, one iterator at a time
+            shuffler = ShuffleBuffer(self.shuffle_buffer, self.batch_size, self.state.dim, rng, storage)
+            batches = self._train_batches(mine, units, shuffler, lambda us: ((s,) for s in self._states(us)))
         try:
             yield from itertools.islice(batches, budget)
         finally:
             batches.close()  # closes the file being read
-            self._storage = buffer.data
+            if not self.cached:
+                self._storage = shuffler.data
 
-    def _train_batches(self, mine: list[WorkUnit], everyone: list[WorkUnit],
-                       buffer: ShuffleBuffer) -> Iterator[np.ndarray]:
-        """Endless batches: passes over the own units (everyone's when the own give nothing)."""
+    def _train_batches(self, mine: list[WorkUnit], everyone: list[WorkUnit], shuffler: Any,
+                       pieces: Any) -> Iterator[np.ndarray]:
+        """Endless batches: passes over the own units (everyone's when the own give nothing);
+        `pieces(units)` yields the arguments of `shuffler.push`, states last."""
         source = mine or everyone
         while True:
             got = 0
-            for states in self._states(source):
-                got += len(states)
-                yield from buffer.push(states)
-            yield from buffer.drain()  # a pass ends: its samples go out before any repeats
+            for piece in pieces(source):
+                got += len(piece[-1])
+                yield from shuffler.push(*piece)
+            yield from shuffler.drain()  # a pass ends: its samples go out before any repeats
             if got:
                 continue
             if source is everyone:
@@ -290,31 +215,68 @@ class StateStream(IterableDataset):
                                    f"(skipped files: {sorted(self.skipped)[:5]})")
             source = everyone
 
+    def _skip(self, path: str, exc: BaseException) -> None:
+        """A bad file never stops training: skip it from now on in this process, say why once."""
+        self.skipped[path] = one_line(exc)
+        log.warning("skipping %s: %s", path, self.skipped[path])
+        self.counters.skipped(self._slot, path, self.skipped[path])
+
+    def _cached_rows(self, units: Iterable[WorkUnit]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(shard array, row indices) of each unit's states (all finite: the cache keeps no others)."""
+        shards = OpenShards(self.shards)
+        for unit in units:
+            if unit.path in self.skipped:
+                continue
+            try:
+                shard = shards.get(unit.path)
+                found = shard.slices(unit)
+                if found is None:
+                    raise ValueError("the state cache's blocks differ from the split's (data.val_block?)")
+            except Exception as exc:
+                self._skip(unit.path, exc)
+                continue
+            rows, dropped = found
+            self.counters.add(self._slot, read=sum(b - a for a, b in rows) + dropped, dropped=dropped)
+            for a, b in rows:
+                yield shard.states, np.arange(a, b)
+
     def _states(self, units: Iterable[WorkUnit]) -> Iterator[np.ndarray]:
-        """Finite states of `units` in physical units, chunk by chunk; bad files skipped."""
-        dropped = 0
-        files = OpenFiles()
+        """Finite states of `units` in physical units, chunk by chunk (from the cache where it
+        holds them); bad files skipped."""
+        dropped_here = 0
+        files, shards = OpenFiles(), OpenShards(self.shards)
         try:
             for unit in units:
                 if unit.path in self.skipped:
                     continue
+                read = dropped = 0
                 try:
-                    for states in read_unit(self.extractor, self.root, unit, self.chunk, files):
+                    found = shards.get(unit.path).slices(unit) if unit.path in shards else None
+                    if found is not None:  # the cache holds finite states only: its drops are known
+                        rows, dropped = found
+                        read = dropped
+                        source = read_cached(shards.get(unit.path), rows, self.chunk)
+                    else:
+                        source = read_unit(self.extractor, self.root, unit, self.chunk, files)
+                    for states in source:
+                        read += len(states)
                         if not np.isfinite(states).all():  # the per-row test only when needed
                             finite = np.isfinite(states).all(axis=1)
                             dropped += int(len(finite) - finite.sum())
                             states = states[finite]
                         if len(states):
                             yield states
-                except Exception as exc:  # a bad file never stops training: skip it, say why
-                    self.skipped[unit.path] = one_line(exc)
-                    log.warning("skipping %s: %s", unit.path, self.skipped[unit.path])
+                except Exception as exc:
+                    self._skip(unit.path, exc)
+                finally:
+                    self.counters.add(self._slot, read=read, dropped=dropped)
+                    dropped_here += dropped
         finally:
             files.close()
-            if dropped:  # said once per process: every later pass drops the same samples again
+            if dropped_here:  # said once per process: every later pass drops the same samples again
                 level = logging.INFO if not self.dropped else logging.DEBUG
-                self.dropped += dropped
-                log.log(level, "dropped %d samples with NaN/Inf values", dropped)
+                self.dropped += dropped_here
+                log.log(level, "dropped %d samples with NaN/Inf values", dropped_here)
 
 
 def stream_args(data_cfg: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +132,11 @@ def entry_plan(extractor: Extractor, entry: ManifestEntry) -> FilePlan:
     info = FileInfo(format=entry.format, attrs={}, variables=list(entry.variables), n_rows=n_rows,
                     extent=entry.extent)
     return extractor.plan(info)
+
+
+def majority_state(extractor: Extractor, entries: Iterable[ManifestEntry]) -> StateInfo:
+    """The state most files of a capsule plan (files of another shape are skipped)."""
+    return Counter(entry_plan(extractor, e).state for e in entries).most_common(1)[0][0]
 
 
 @dataclass
