@@ -17,11 +17,13 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, open_dict
 
 from ebm_vae.config import config_dir
+from ebm_vae.data.report import DataSummary
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +98,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model.set_normalization(stats)
     log.info("model: %s (%s, latent %d, %d parameters)", cfg.model._target_, model.hparams.arch,
              model.hparams.latent_dim, sum(p.numel() for p in model.parameters()))
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    data_summary = DataSummary()
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [data_summary]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     log.info("callbacks: %s; logger: %s", ", ".join(type(c).__name__ for c in callbacks),
              type(logger).__name__ if logger else None)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
+                          precision=trainer_precision(cfg.trainer, model.hparams.arch))
     log.info("trainer: %s, %s x %s, precision %s, max_steps %s", trainer.strategy.__class__.__name__,
              trainer.num_nodes, trainer.num_devices, trainer.precision, trainer.max_steps)
 
@@ -109,7 +113,35 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("%s: %s", capsule.name, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+    if trainer.is_global_zero:
+        report_data(datamodule, data_summary.totals)
     return metrics
+
+
+def trainer_precision(trainer_cfg: Any, arch: str) -> str:
+    """The trainer's precision: the configured one, else (`trainer=gpu` leaves it null) the fast
+    one per model on a GPU: bf16-mixed for the conv field model (faster than fp32 there); fp32
+    with TF32 matmuls for the MLP, where bf16 autocast measured slower (0.83-0.87 of fp32: the
+    casts cost more than the small matmuls gain). Without a GPU: fp32."""
+    if trainer_cfg.get("precision") is not None:
+        return str(trainer_cfg.precision)
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu and arch == "conv":
+        return "bf16-mixed"
+    if on_gpu:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls (process-wide)
+    return "32-true"
+
+
+def report_data(datamodule: Any, totals: dict[str, dict[str, Any]]) -> None:
+    """The run's closing data summary: the split, NaN/Inf samples and rows that did not parse,
+    quarantined and skipped files, totalled over workers and ranks."""
+    from ebm_vae.data.report import summary_lines
+
+    for line in summary_lines(datamodule.capsule.name, datamodule.split, datamodule.stats,
+                              datamodule.manifest, totals):
+        log.info(line)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")

@@ -152,3 +152,130 @@ def test_field_stats_skip_a_minority_shape_and_keep_a_principal_basis(tmp_path, 
             states += list(ex.iter_states(h, plan, 0, plan.extent, 100))
     projected = (np.concatenate(states) - stats.mean) @ components[0]
     assert np.sqrt(np.mean(projected**2)) == pytest.approx(std[0], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- at scale
+
+
+def fusion_tree(tmp_path, n_files=6):
+    root = tmp_path / "data"
+    for k in range(n_files):
+        demo.write_fusion_plain(root / f"plasma_{k}.h5", n_time=5 + k, n=8, nz=2, seed=k)
+    cfg = compose("crawl", [f"data.root={root}", f"paths.root={tmp_path / 'out'}", "crawl.workers=1",
+                            "crawl.progress=false", "crawl.stats=false", "crawl.n_components=3",
+                            "crawl.stats_reservoir=16", "data.chunk_bytes=2000"])
+    return crawl(cfg), cfg
+
+
+def assert_same_stats(a: Stats, b: Stats, rtol: float = 0.0) -> None:
+    assert a.count == b.count and a.files == b.files and a.skipped == b.skipped
+    for key in ("mean", "raw_std", "min", "max", "nan_count", "inf_count"):
+        np.testing.assert_allclose(getattr(a, key), getattr(b, key), rtol=rtol, atol=0)
+    np.testing.assert_allclose(a.pca["std"], b.pca["std"], rtol=max(rtol, 1e-12) * 1e3)
+    np.testing.assert_allclose(np.abs(a.pca["components"] @ b.pca["components"].T), np.eye(3), atol=1e-8)
+
+
+def test_the_pass_is_the_same_in_one_process_and_in_two(tmp_path):
+    manifest, cfg = fusion_tree(tmp_path)
+    one = run_stats_pass(manifest, visible_capsules()["fusion"], cfg.paths.index,
+                         compose("crawl", [*cfg_overrides(cfg), "crawl.stats_workers=0"]))
+    two = run_stats_pass(manifest, visible_capsules()["fusion"], cfg.paths.index,
+                         compose("crawl", [*cfg_overrides(cfg), "crawl.stats_workers=2"]))
+    assert_same_stats(one, two)  # files merged in path order: not a bit differs
+    assert one.count == sum(5 + k for k in range(6)) and len(one.pca["std"]) == 3
+
+
+def cfg_overrides(cfg) -> list[str]:
+    return [f"data.root={cfg.data.root}", f"paths.root={cfg.paths.root}", "crawl.progress=false",
+            "crawl.stats=false", "crawl.n_components=3", "crawl.stats_reservoir=16", "data.chunk_bytes=2000"]
+
+
+STATS_ON_A_RANK = """
+import json, sys
+import torch
+from ebm_vae.capsules import visible_capsules
+from ebm_vae.config import compose
+from ebm_vae.crawl.manifest import read_manifest
+from ebm_vae.data.stats import run_stats_pass
+
+torch.set_num_threads(1)
+cfg = compose("crawl", sys.argv[2:])
+stats = run_stats_pass(read_manifest(cfg.paths.index), visible_capsules()["fusion"], sys.argv[1], cfg)
+print(json.dumps({"count": stats.count, "files": len(stats.files)}))
+"""
+
+
+def test_two_gloo_ranks_share_the_files_and_agree_with_one_process(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    manifest, cfg = fusion_tree(tmp_path)
+    single = run_stats_pass(manifest, visible_capsules()["fusion"], tmp_path / "single",
+                            compose("crawl", [*cfg_overrides(cfg), "crawl.stats_workers=1"]))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    children = []
+    for rank in range(2):  # what torchrun gives each rank
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        children.append(subprocess.Popen(
+            [sys.executable, "-c", STATS_ON_A_RANK, str(tmp_path / "ranks"), *cfg_overrides(cfg)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [child.communicate(timeout=240)[0] for child in children]
+    assert [child.returncode for child in children] == [0, 0], outputs
+    assert all('"files": 6' in out for out in outputs)  # every rank ends with the whole result
+    ranked = Stats.load(tmp_path / "ranks" / "fusion" / "stats.json")  # written by rank 0
+    assert_same_stats(ranked, single, rtol=1e-13)  # ranks merged: equal to float64 rounding
+    assert not list((tmp_path / "ranks" / "fusion").glob("stats.partial-*"))
+
+
+KILLED_PASS = """
+import sys, time
+from ebm_vae.capsules import visible_capsules
+from ebm_vae.config import compose
+from ebm_vae.crawl.manifest import read_manifest
+from ebm_vae.data import filepass
+from ebm_vae.data.stats import run_stats_pass
+
+read_file = filepass.read_file
+
+def slowly(*args, **kwargs):  # a slow drive: the kill lands between files
+    time.sleep(0.3)
+    return read_file(*args, **kwargs)
+
+filepass.read_file = slowly
+cfg = compose("crawl", sys.argv[1:])
+run_stats_pass(read_manifest(cfg.paths.index), visible_capsules()["fusion"], cfg.paths.index, cfg)
+"""
+
+
+def test_a_killed_pass_resumes_from_its_checkpoint_with_the_same_result(tmp_path, caplog):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    manifest, cfg = fusion_tree(tmp_path)
+    overrides = [*cfg_overrides(cfg), "crawl.stats_workers=1", "crawl.checkpoint_s=0"]
+    checkpoint = tmp_path / "out" / "index" / "fusion" / "stats.partial-0-of-1.npz"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_PASS, *overrides], start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists():
+        assert child.poll() is None and time.monotonic() < deadline, child.stdout.read()[-2000:]
+        time.sleep(0.01)
+    time.sleep(0.4)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not (tmp_path / "out" / "index" / "fusion" / "stats.json").exists()
+    with caplog.at_level(logging.INFO, logger="ebm_vae.data.stats"):
+        resumed = run_stats_pass(manifest, visible_capsules()["fusion"], cfg.paths.index, compose("crawl", overrides))
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming the statistics pass")]
+    assert done and "after 0 files" not in done[0] and "after 6 files" not in done[0]
+    fresh = run_stats_pass(manifest, visible_capsules()["fusion"], tmp_path / "fresh", compose("crawl", overrides))
+    assert_same_stats(resumed, fresh)
+    assert not checkpoint.exists()

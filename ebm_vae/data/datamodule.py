@@ -54,6 +54,7 @@ class CapsuleDataModule(L.LightningDataModule):
         self.cfg = data_cfg
         self.capsule = capsule
         self.stats = stats
+        self.manifest = manifest
         self.root = Path(data_cfg.root) if data_cfg.root else manifest.root
         self.extractor = EXTRACTORS[capsule.extractor](capsule)
         entries = manifest.usable(capsule.name)
