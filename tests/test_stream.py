@@ -17,7 +17,7 @@ from ebm_vae.capsules import visible_capsules
 from ebm_vae.config import compose, config_dir
 from ebm_vae.crawl.crawl import crawl
 from ebm_vae.data import stream as stream_module
-from ebm_vae.data.datamodule import CapsuleDataModule, datamodule_from_config
+from ebm_vae.data.datamodule import CapsuleDataModule, StreamLoader, datamodule_from_config
 from ebm_vae.data.extractors import EXTRACTORS
 from ebm_vae.data.stats import Moments, Stats
 from ebm_vae.data.stream import StateStream, split_units
@@ -379,3 +379,33 @@ def test_datamodule_from_config_crawls_and_runs_the_stats_pass(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert batch.shape == (128, 2)
     assert abs(float(batch[:, 0].mean()) - 50.0) < 1.0  # physical units (Hz): the model z-scores
+
+
+def test_counts_are_totalled_over_worker_processes_not_per_worker(tree, tmp_path):
+    values = np.arange(400, dtype=np.float64)
+    values[::10] = np.nan  # 40 NaN rows in one file
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"id": np.arange(2000, 2400, dtype=np.float64), "value": values}),
+                   tmp_path / "data" / "ids_10.parquet", row_group_size=100)
+    manifest, capsule, cfg = tree([400] * 3)
+    (manifest.root / "ids_02.parquet").unlink()  # gone after the crawl: skipped by every worker
+    totals = []
+    for workers in (0, 2):
+        units = make_units(manifest.usable("ids"), EXTRACTORS["table"](capsule), identity_stats(capsule).state_info,
+                           100, 1 << 20)
+        stream = StateStream(units, EXTRACTORS["table"](capsule), identity_stats(capsule).state_info, manifest.root,
+                             batch_size=50, train=False, n_slots=max(1, workers))
+        loader = StreamLoader(stream, num_workers=workers)
+        assert sum(len(b) for b in loader) == 1160  # every finite state of the readable files, once
+        totals.append(stream.counters.totals())
+    for t in totals:
+        assert list(t["skipped"]) == ["ids_02.parquet"] and "No such file" in t["skipped"]["ids_02.parquet"]
+        assert (t["read"], t["dropped"]) == (1200, 40)  # not once per worker, not lost in the workers
+
+
+def test_rank_totals_merge_files_once():
+    from ebm_vae.data.report import merge_totals
+
+    merged = merge_totals([{"read": 10, "dropped": 1, "skipped": {"a": "gone"}},
+                           {"read": 5, "dropped": 2, "skipped": {"a": "gone", "b": "changed"}}])
+    assert merged == {"read": 15, "dropped": 3, "skipped": {"a": "gone", "b": "changed"}}

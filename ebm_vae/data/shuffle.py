@@ -105,9 +105,15 @@ class ShuffleBuffer:
         """One batch. Allocated per batch, not per draw: allocations of a few MB are recycled
         by malloc, while a draw-sized one (up to the whole buffer) would be mapped fresh from the
         OS every time and page-fault on every write."""
-        out = np.empty((len(slots), self.data.shape[1]), dtype=np.float32)
-        np.take(self.rows, slots, out=out.view(self.rows.dtype).reshape(-1))
-        return out
+        return gather_rows(self.rows, slots, self.data.shape[1])
+
+
+def gather_rows(rows: np.ndarray, slots: np.ndarray, dim: int) -> np.ndarray:
+    """`rows[slots]` of a void view of float32 rows, as a new (len(slots), dim) float32 array.
+
+    Fancy indexing of the void view copies each row with one memcpy; `np.take(..., out=)`
+    measured 3 to 4 times slower for rows of 16-48 KB (field states)."""
+    return rows[slots].view(np.float32).reshape(len(slots), dim)
 
 
 class WindowShuffle:
@@ -159,8 +165,12 @@ class WindowShuffle:
         self.held = len(rest)
 
     def _gather(self, owner: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
         bounds = np.flatnonzero(np.diff(owner)) + 1
-        for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(rows)], strict=True):
-            np.take(self.arrays[owner[lo]], rows[lo:hi], axis=0, out=out[lo:hi])
-        return out
+        parts = [gather_rows(_void_rows(self.arrays[owner[lo]]), rows[lo:hi], self.dim)
+                 for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(rows)], strict=True)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _void_rows(array: np.ndarray) -> np.ndarray:
+    """A 2-D float32 array's rows as single opaque items (a view)."""
+    return array.view(np.dtype((np.void, 4 * array.shape[1]))).reshape(-1)
