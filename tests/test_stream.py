@@ -159,35 +159,34 @@ def test_validation_stream_reads_every_sample_once_in_order(tree):
         len(stream)
 
 
-def test_memory_bounded_on_a_file_much_larger_than_the_buffer(tree, monkeypatch):
+def test_memory_bounded_on_a_file_much_larger_than_the_window(tree, monkeypatch):
     manifest, capsule, _ = tree([20_000])
-    seen = {"max_size": 0, "max_chunk": 0, "buffers": []}
+    seen = {"max_held": 0, "max_chunk": 0, "max_sources": 0, "windows": 0}
 
-    class WatchedBuffer(stream_module.ShuffleBuffer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            seen["buffers"].append((self, self.data))
+    class WatchedWindow(stream_module.WindowShuffle):
+        def push(self, array, start=0, stop=None):
+            seen["max_chunk"] = max(seen["max_chunk"], len(array))
+            yield from super().push(array, start, stop)
 
-        def push(self, states):
-            seen["max_chunk"] = max(seen["max_chunk"], len(states))
-            yield from super().push(states)
-
-        def _draw(self, n_batches):  # the buffer is at its fullest when it draws
-            seen["max_size"] = max(seen["max_size"], self.size)
+        def _draw(self, n_batches):  # the window is at its fullest when it draws
+            seen["max_held"] = max(seen["max_held"], self.held)
+            seen["max_sources"] = max(seen["max_sources"], len({id(a) for a, _, _ in self.pieces}))
+            seen["windows"] += 1
             yield from super()._draw(n_batches)
 
-    monkeypatch.setattr(stream_module, "ShuffleBuffer", WatchedBuffer)
+    monkeypatch.setattr(stream_module, "WindowShuffle", WatchedWindow)
     stream = make_stream(manifest, capsule, unit_samples=20_000, batch_size=64, shuffle_buffer=256,
                          chunk_bytes=100 * 8)
     batches = list(stream.iter_share(0, 1, 0, 1))
     assert len(batches) == 20_000 // 64
-    ((buffer, data),) = seen["buffers"]
-    assert buffer.data is data and data.shape == (256, 2)  # allocated once: 256 states, never grown
-    assert seen["max_size"] == 256 and seen["max_chunk"] <= 100
+    # held: one window of 256 states, referencing at most the chunks (of <= 100 states) it spans
+    assert seen["max_held"] == 256 and seen["max_chunk"] <= 100 and seen["max_sources"] <= 4
+    assert seen["windows"] >= 20_000 // 256
     ids = np.concatenate(batches)[:, 0]
     assert len(np.unique(ids)) == len(ids)
-    # shuffled beyond the buffer's reach would be impossible; within it, the order is mixed
-    assert np.abs(np.diff(ids)).mean() > 10
+    # a batch spreads over its window (256 consecutive rows here), never beyond it
+    spans = [float(b[:, 0].max() - b[:, 0].min()) for b in batches]
+    assert max(spans) < 256 and np.mean(spans) > 0.7 * 256
 
 
 def test_field_buffer_is_capped_in_bytes(tree):

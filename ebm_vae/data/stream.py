@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from ebm_vae.data.cache import OpenShards, read_cached
 from ebm_vae.data.extractors import Extractor, StateInfo
 from ebm_vae.data.readers.base import one_line
 from ebm_vae.data.report import StreamCounters
-from ebm_vae.data.shuffle import ShuffleBuffer, WindowShuffle
+from ebm_vae.data.shuffle import WindowShuffle
 from ebm_vae.data.units import OpenFiles, WorkUnit, chunk_samples, read_unit
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,14 @@ def _batched(chunks: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarr
         yield np.concatenate(pending)
 
 
+def all_finite(states: np.ndarray) -> bool:
+    """Whether every value is finite, from one sum (NaN and Inf propagate into it; a sum that
+    overflows says False, and the caller's per-row test then finds nothing to drop). A third
+    of the cost of `np.isfinite(states).all()`, which writes a mask as large as the states."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(np.add.reduce(states, axis=None)))
+
+
 def _distributed() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -84,19 +93,19 @@ class StateStream(IterableDataset):
     Remainder policy, per share: one holding more than its budget x batch_size samples stops at
     its budget (the rest is left out this epoch; which samples changes with the epoch's
     permutation); one holding fewer yields all of its samples (but fewer than batch_size that
-    wait in the shuffle buffer), then reads its own units again (repeats); a share without
+    wait in the shuffle window), then reads its own units again (repeats); a share without
     units reads everyone's. Shares are balanced by samples (`split_units`), so the left-out and
     repeated samples are bounded by about one work unit per share plus world x batch_size; with
     equal shares and a total divisible by world x n_workers x batch_size every sample is
-    yielded exactly once. States pass a shuffle buffer of `shuffle_buffer` states (at most
-    `shuffle_buffer_bytes`, never under one batch) seeded by (seed, epoch, rank, worker).
+    yielded exactly once. States are shuffled in windows of `shuffle_buffer` states (at most
+    `shuffle_buffer_bytes`, never under one batch; `WindowShuffle`) seeded by (seed, epoch,
+    rank, worker).
 
     Validation (`train=False`): no shuffling or cycling; each share reads its units in order
     once, every sample exactly once over all shares; the last batch of a share may be partial.
 
     With `shards` (unit path -> a state cache shard: `ebm_vae.data.cache`), those files' states
-    come from the cache; when every unit is cached, training shuffles windows of row indices
-    (`WindowShuffle`) instead of the buffer.
+    come from the cache (when every unit is cached, training shuffles rows of the memory maps).
 
     Samples with a NaN/Inf component are dropped and counted. A file that is missing, changed
     since the crawl (size/mtime) or unreadable is skipped with a one-line warning naming it.
@@ -130,12 +139,8 @@ class StateStream(IterableDataset):
         self.counters = StreamCounters(n_slots)
         self.dropped = 0  # non-finite samples dropped by this process's iterators
         self.skipped: dict[str, str] = {}  # path -> reason, files skipped by this process
-        self._storage: np.ndarray | None = None  # the shuffle buffer's memory, made in the worker
         self._slot = 0  # this process's slot of the counters (its DataLoader worker id)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """What goes to a spawned DataLoader worker: never the shuffle buffer's memory."""
-        return {**self.__dict__, "_storage": None}
+        self._sources: tuple[int, OpenFiles, OpenShards] | None = None  # (pid, files, shards)
 
     @property
     def epoch(self) -> int:
@@ -183,19 +188,13 @@ class StateStream(IterableDataset):
         if budget == 0:
             return
         rng = np.random.default_rng([self.seed, epoch, rank, worker])
-        if self.cached:
-            shuffler = WindowShuffle(self.shuffle_buffer, self.batch_size, self.state.dim, rng)
-            batches = self._train_batches(mine, units, shuffler, self._cached_rows)
-        else:
-            storage, self._storage = self._storage, None  # reused across epochs, one iterator at a time
-            shuffler = ShuffleBuffer(self.shuffle_buffer, self.batch_size, self.state.dim, rng, storage)
-            batches = self._train_batches(mine, units, shuffler, lambda us: ((s,) for s in self._states(us)))
+        shuffler = WindowShuffle(self.shuffle_buffer, self.batch_size, self.state.dim, rng)
+        pieces = self._cached_rows if self.cached else lambda us: ((s,) for s in self._states(us))
+        batches = self._train_batches(mine, units, shuffler, pieces)
         try:
             yield from itertools.islice(batches, budget)
         finally:
             batches.close()  # closes the file being read
-            if not self.cached:
-                self._storage = shuffler.data
 
     def _train_batches(self, mine: list[WorkUnit], everyone: list[WorkUnit], shuffler: Any,
                        pieces: Any) -> Iterator[np.ndarray]:
@@ -205,7 +204,7 @@ class StateStream(IterableDataset):
         while True:
             got = 0
             for piece in pieces(source):
-                got += len(piece[-1])
+                got += len(piece[0]) if len(piece) == 1 else piece[2] - piece[1]
                 yield from shuffler.push(*piece)
             yield from shuffler.drain()  # a pass ends: its samples go out before any repeats
             if got:
@@ -215,6 +214,19 @@ class StateStream(IterableDataset):
                                    f"(skipped files: {sorted(self.skipped)[:5]})")
             source = everyone
 
+    def _open_sources(self) -> tuple[OpenFiles, OpenShards]:
+        """This process's open files and shards, kept across passes and epochs: a small tree's
+        files are opened once per worker, not once per epoch (an open costs as much as reading
+        hundreds of field states). Made afresh in a process other than the one that opened
+        them: handles never cross a fork."""
+        if self._sources is None or self._sources[0] != os.getpid():
+            self._sources = (os.getpid(), OpenFiles(), OpenShards(self.shards))
+        return self._sources[1], self._sources[2]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What goes to a spawned DataLoader worker: no open handles."""
+        return {**self.__dict__, "_sources": None}
+
     def _skip(self, path: str, exc: BaseException) -> None:
         """A bad file never stops training: skip it from now on in this process, say why once."""
         self.skipped[path] = one_line(exc)
@@ -222,8 +234,8 @@ class StateStream(IterableDataset):
         self.counters.skipped(self._slot, path, self.skipped[path])
 
     def _cached_rows(self, units: Iterable[WorkUnit]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(shard array, row indices) of each unit's states (all finite: the cache keeps no others)."""
-        shards = OpenShards(self.shards)
+        """(shard array, first row, stop) of each unit's states (all finite: the cache keeps no others)."""
+        _, shards = self._open_sources()
         for unit in units:
             if unit.path in self.skipped:
                 continue
@@ -238,13 +250,13 @@ class StateStream(IterableDataset):
             rows, dropped = found
             self.counters.add(self._slot, read=sum(b - a for a, b in rows) + dropped, dropped=dropped)
             for a, b in rows:
-                yield shard.states, np.arange(a, b)
+                yield shard.states, a, b
 
     def _states(self, units: Iterable[WorkUnit]) -> Iterator[np.ndarray]:
         """Finite states of `units` in physical units, chunk by chunk (from the cache where it
         holds them); bad files skipped."""
         dropped_here = 0
-        files, shards = OpenFiles(), OpenShards(self.shards)
+        files, shards = self._open_sources()
         try:
             for unit in units:
                 if unit.path in self.skipped:
@@ -260,7 +272,7 @@ class StateStream(IterableDataset):
                         source = read_unit(self.extractor, self.root, unit, self.chunk, files)
                     for states in source:
                         read += len(states)
-                        if not np.isfinite(states).all():  # the per-row test only when needed
+                        if not all_finite(states):  # the per-row test only when needed
                             finite = np.isfinite(states).all(axis=1)
                             dropped += int(len(finite) - finite.sum())
                             states = states[finite]
@@ -272,7 +284,6 @@ class StateStream(IterableDataset):
                     self.counters.add(self._slot, read=read, dropped=dropped)
                     dropped_here += dropped
         finally:
-            files.close()
             if dropped_here:  # said once per process: every later pass drops the same samples again
                 level = logging.INFO if not self.dropped else logging.DEBUG
                 self.dropped += dropped_here
