@@ -36,8 +36,8 @@ def _rows(manifest):
 def demo_crawl(tmp_path_factory):
     """The demo drive (tiny) and its manifest, shared by the read-only tests below."""
     base = tmp_path_factory.mktemp("demo")
-    summary = demo.make_demo_tree(base / "data", scale=0.01, n=8)
-    manifest = crawl(_cfg(base / "data", base / "out"))
+    summary = demo.make_demo_tree(base / "data", scale=0.01, n=8, config_dir=base / "conf")
+    manifest = crawl(_cfg(base / "data", base / "out", extra_dirs=[base / "conf"]))
     return summary, manifest, base
 
 
@@ -72,6 +72,21 @@ def test_faults_and_decoys_get_one_line_errors(demo_crawl):
     assert all("\n" not in (r.error or "") for r in rows.values())
     usable = [r for r in rows.values() if r.capsule and r.error is None]
     assert all(r.n_samples > 0 and r.extent > 0 and r.variables for r in usable)
+
+
+def test_demo_logs_are_indexed_with_their_unparseable_lines(demo_crawl):
+    summary, manifest, _ = demo_crawl
+    logs = {p: r for p, r in _rows(manifest).items() if r.format == "log"}
+    kinds = {p: summary["files"][p]["kind"] for p in logs}
+    assert sorted(kinds.values()) == ["decoy", "event_log", "event_log", "event_log", "log_by_content", "shot_log"]
+    lines = {"event_log": (200, 2), "log_by_content": (100, 1), "shot_log": (100, 2)}  # 1 % bad, shots 2 %
+    for path, row in logs.items():
+        if kinds[path] == "decoy":
+            continue
+        n_lines, n_bad = lines[kinds[path]]
+        assert (row.error, row.n_samples, row.skipped_rows) == (None, n_lines - n_bad, n_bad)
+        assert (row.rule == "lines:key=value") == (kinds[path] == "log_by_content")
+    assert logs["grid/pmu/pmu_grid_07.log.2.gz"].extent == 1
 
 
 def test_metadata_only_identification(demo_crawl):

@@ -213,7 +213,7 @@ class LineRule:
         """(columns of the records, records, lines skipped, the first skipped line) of some lines."""
         blank = _blank(lines)
         strings = self._field_strings(lines)
-        good = ~blank
+        good = ~blank if self.fields else np.zeros(len(blank), dtype=bool)  # no field: no record
         values = {}
         for column in self.fields:
             values[column], ok = parse_numbers(strings[column])
@@ -328,12 +328,12 @@ class LogReader(Reader):
         """Parses every line (the record count and the skipped lines are exact); a log of
         which no line parses is refused with the rule and its first line."""
         with self.open(path, options) as handle:
-            n_rows = handle.count_rows() if handle.rule.fields else 0
+            n_rows = handle.count_rows()
             if n_rows == 0:
-                first = handle.first_skipped or ""
+                first, n = handle.first_skipped or "", handle.skipped_rows
                 shown = first if len(first) <= 60 else first[:57] + "..."
                 raise ReadError(f"no line parses with {handle.rule.describe()} "
-                                f"({handle.skipped_rows} lines; the first: {shown!r})")
+                                f"({n} line{'' if n == 1 else 's'}; the first: {shown!r})")
             return FileInfo(format=self.format, attrs={}, variables=handle.describe(n_rows), n_rows=n_rows,
                             extent=handle.extent, skipped_rows=handle.skipped_rows)
 
@@ -352,7 +352,6 @@ class LogReader(Reader):
             raise ReadError(f"cannot open: {one_line(exc)}") from None
         fractions = []
         for options in candidates:
-            rule = LineRule(options, sample)
-            _, n_good, n_bad, _ = rule.parse(sample) if rule.fields else ({}, 0, len(sample), None)
+            _, n_good, n_bad, _ = LineRule(options, sample).parse(sample)
             fractions.append(n_good / max(1, n_good + n_bad))
         return fractions
