@@ -169,6 +169,7 @@ class App:
     def main(self, argv: Sequence[str] | None = None) -> None:
         """The console script: parse, then run the task inside Hydra; exit 1 on an error, 2 on bad usage."""
         import hydra
+        from hydra.core.global_hydra import GlobalHydra
 
         try:
             args = parse_arguments(sys.argv[1:] if argv is None else argv, self.name)
@@ -190,6 +191,7 @@ class App:
         # (not Hydra's traceback printer) decides how each is reported.
         os.environ["HYDRA_FULL_ERROR"] = "1"
         _SWEEPS.clear()
+        GlobalHydra.instance().clear()  # a main called before in this process (tests, notebooks)
         try:
             hydra.main(version_base="1.3", config_path=str(config_dir()),
                        config_name=self.config_name)(session.job_function())()

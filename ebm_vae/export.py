@@ -32,6 +32,7 @@ from ebm_vae.data.extractors.base import StateInfo
 from ebm_vae.energy.grid import GridStats, StateGrid
 from ebm_vae.energy.mapfile import EnergyMap
 from ebm_vae.energy.plot import plot_map
+from ebm_vae.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def export(cfg: DictConfig) -> Path:
     elif ex.method == "histogram":
         energy_map = _histogram_map(cfg, capsule)
     else:
-        raise ValueError(f"export.method must be 'vae' or 'histogram', got '{ex.method}'")
+        raise ConfigError(f"export.method must be 'vae' or 'histogram', got '{ex.method}'")
     energy_map.save(out)
     log.info("wrote %s", out)
     if ex.plot:
@@ -77,14 +78,14 @@ def _index_stats(cfg: DictConfig, capsule: str):
 
 def _vae_map(cfg: DictConfig, capsule: CapsuleConfig) -> EnergyMap:
     from ebm_vae.energy.evaluate import evaluate_energy
-    from ebm_vae.energy.model import load_vae
+    from ebm_vae.energy.model import CheckpointError, load_vae
 
     ex = cfg.export
     ckpt = Path(cfg.ckpt) if cfg.ckpt else Path(cfg.paths.checkpoints) / capsule.name / "last.ckpt"
     vae = load_vae(ckpt, ex.device)
     trained_on = vae.hparams.capsule.get("name")
     if trained_on != capsule.name:
-        raise ValueError(f"{ckpt}: a checkpoint of capsule '{trained_on}', not of capsule="
+        raise CheckpointError(f"{ckpt}: a checkpoint of capsule '{trained_on}', not of capsule="
                          f"'{capsule.name}'; pass capsule={trained_on} or the ckpt=PATH of a {capsule.name} run")
     state = vae.state_info
     grid = StateGrid.build(state, _vae_grid_stats(vae, _index_stats(cfg, capsule.name)), ex.axes,
@@ -131,13 +132,16 @@ def _histogram_map(cfg: DictConfig, capsule: CapsuleConfig) -> EnergyMap:
     stats = _index_stats(cfg, capsule.name)
     if stats is None:
         raise FileNotFoundError(f"{Path(cfg.paths.index) / capsule.name / 'stats.json'}: no statistics "
-                                f"for capsule '{capsule.name}'; run `ebm-vae-crawl data.root=DIR` first")
+                                f"for capsule '{capsule.name}' in the index of data.root={manifest.root}; "
+                                "run `ebm-vae-crawl data.root=DIR` first")
     grid = StateGrid.build(stats.state_info, GridStats.from_stats(stats), ex.axes, ex.limits,
                            ex.resolution, to_container(ex.reference))
     result = histogram_energy(grid, capsule, manifest, cfg.data.chunk_bytes, progress=ex.progress)
     if not result.files:
-        raise ValueError(f"capsule '{capsule.name}': no usable file could be counted "
-                         f"({len(result.skipped)} skipped); see the warnings above")
+        why = (f"{len(result.skipped)} skipped, reasons above" if result.skipped else
+               "the index lists none: check the capsule's match rules, or re-run ebm-vae-crawl")
+        raise ConfigError(f"capsule '{capsule.name}': no usable file in the index of "
+                          f"data.root={manifest.root} could be counted ({why})")
     report = result.counts.report()
     log.info("histogram %s: %d states, %d outside the grid, %d of %d bins empty", capsule.name,
              report["n_total"], report["n_outside_grid"], report["empty_bins"], report["bins"])

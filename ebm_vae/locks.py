@@ -7,12 +7,15 @@
     with output_lock(ckpt_dir, "training grid", wait=False, advice="..."):  # refuse if held
         ...
 
-The lock of `DIR/NAME` is the hidden file `DIR/.NAME.lock`, locked with `flock` (released by
-the kernel when its holder dies, so a killed run never leaves a stale lock) and removed by
-the last holder. An exclusive holder writes who it is into the file; a process that has to
+The lock of `DIR/NAME` is the hidden file `DIR/.NAME.lock`, locked with a POSIX record lock
+(`fcntl.lockf`: released by the kernel when its holder dies, so a killed run never leaves a
+stale lock; not inherited by forked workers; honoured over NFS) and removed by the last holder. An exclusive holder writes who it is into the file; a process that has to
 wait says once whom it waits for. A process may take a lock it already holds (the crawl
-inside a training run's index read), and on a file system without `flock` the locks are
+inside a training run's index read), and on a file system without locks they are
 skipped with one warning.
+
+The code of this module never opens a lock file that its own process holds (a POSIX lock
+ends when its process closes any descriptor of the file).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from ebm_vae.errors import UserError
 
 try:
     import fcntl
-except ImportError:  # not POSIX: no locks (one warning)
+except ImportError:  # not POSIX: no locks
     fcntl = None
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ def output_lock(target: str | os.PathLike, purpose: str, *, shared: bool = False
         yield
         return
     fd = _acquire(Path(target), path, purpose, shared, wait, advice)
-    if fd is None:  # no flock on this file system
+    if fd is None:  # no locks on this file system
         yield
         return
     _held[path] = [fd, 1, shared]
@@ -93,7 +96,7 @@ def _acquire(target: Path, path: Path, purpose: str, shared: bool, wait: bool, a
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            fcntl.lockf(fd, mode | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -125,13 +128,12 @@ def _acquire(target: Path, path: Path, purpose: str, shared: bool, wait: bool, a
 
 def _release(path: Path, fd: int) -> None:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else holds it: remove the file
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else holds it: remove the file
         path.unlink(missing_ok=True)
     except OSError:
         pass  # other readers still hold it; the last one removes it
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)  # explicitly: forked children (DataLoader workers) share fd
-        os.close(fd)
+        os.close(fd)  # releases the lock
 
 
 def _describe_holder(fd: int, purpose: str) -> None:
@@ -154,6 +156,6 @@ def _holder(path: Path) -> str:
 def _warn_unsupported(path: Path, exc: OSError) -> None:
     global _unsupported_warned
     if not _unsupported_warned:
-        log.warning("cannot lock %s (%s): this file system has no flock, so two runs on the same "
-                    "outputs are not kept apart", path, exc.strerror or exc)
+        log.warning("cannot lock %s (%s): this file system has no file locks, so two runs on the "
+                    "same outputs are not kept apart", path, exc.strerror or exc)
         _unsupported_warned = True
