@@ -404,12 +404,12 @@ def crawl(cfg: DictConfig) -> Manifest:
     if index_dir == root or root in index_dir.parents:
         raise ConfigError(f"paths.index={index_dir} lies inside data.root={root}: the crawl never "
                           "writes into the data tree; set paths.root elsewhere")
+    capsules = dict(sorted(visible_capsules(cfg.capsule_search_path).items()))  # bad ones fail first
     with output_lock(index_dir, f"the crawl of {root}"):
-        return _crawl(cfg, root, index_dir)
+        return _crawl(cfg, root, index_dir, capsules)
 
 
-def _crawl(cfg: DictConfig, root: Path, index_dir: Path) -> Manifest:
-    capsules = dict(sorted(visible_capsules(cfg.capsule_search_path).items()))
+def _crawl(cfg: DictConfig, root: Path, index_dir: Path, capsules: dict[str, CapsuleConfig]) -> Manifest:
     fingerprint = capsules_fingerprint(capsules.values())
     previous = _previous(index_dir, root, fingerprint, cfg.crawl.replace_index)
 
