@@ -31,6 +31,9 @@ USER_ERRORS = frozenset({
     # Hydra's own compact errors: an unknown group option or key, a wrong type, an override
     # that does not parse, a missing --config-dir, a _target_ refusing its arguments
     "hydra.errors.CompactHydraException",
+    # a config file (a user's capsule or preset) that is not YAML, or uses tags that would
+    # construct objects: Hydra's loader refuses both; the message names the file and line
+    "yaml.error.YAMLError",
 })
 
 

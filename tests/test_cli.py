@@ -201,6 +201,9 @@ def grid_index(tmp_path_factory):
         ("train", ["capsule=grid", "ckpt_path={out}/nope.ckpt"], "ckpt_path: no checkpoint at"),
         ("train", ["capsule=pendulum", "--config-dir", "{conf}"], "capsule 'pendulum' has no usable files under data.root="),
         ("train", ["capsule=broken", "--config-dir", "{conf}"], "invalid capsule key 'variabels'"),
+        ("export", ["capsule=notyaml", "--config-dir", "{conf}"], "notyaml.yaml\", line 1, column 7"),
+        ("export", ["capsule=evil", "--config-dir", "{conf}"],
+         "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
         ("crawl", [], "data.root is not set"),
         ("crawl", ["data.root={out}/nope"], "not a directory"),
     ],
@@ -208,6 +211,9 @@ def grid_index(tmp_path_factory):
 def test_a_user_error_is_one_line_exit_1_and_leaves_no_run_folder(grid_index, myconf, capsys, program, argv, needle):
     data, out = grid_index
     (myconf / "capsule" / "broken.yaml").write_text(PENDULUM.replace("pendulum", "broken") + "variabels: [x]\n")
+    (myconf / "capsule" / "notyaml.yaml").write_text("name: [unclosed\n")
+    (myconf / "capsule" / "evil.yaml").write_text(PENDULUM.replace("pendulum", "evil").replace(
+        "extractor: table", f'extractor: !!python/object/apply:os.system ["touch {myconf}/ran"]'))
     main = {"export": export_main, "train": train_main, "crawl": crawl_app.main}[program]
     argv = [a.format(out=out, conf=myconf) for a in argv]
     if not any(a.startswith("paths.root=") for a in argv):
@@ -216,6 +222,7 @@ def test_a_user_error_is_one_line_exit_1_and_leaves_no_run_folder(grid_index, my
     assert status == 1
     assert needle in one_error_line(err, f"ebm-vae-{program}")
     assert not (out / "logs").exists()
+    assert not (myconf / "ran").exists()  # a YAML tag never runs code
 
 
 def test_debug_shows_the_traceback(grid_index, tmp_path):
