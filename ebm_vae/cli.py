@@ -443,17 +443,21 @@ def _group_lines(group: str, dirs: list[Path], default: str | None) -> list[str]
 
 
 def _describe(path: Path, group: str) -> str:
-    """The file's first comment line; for a capsule without one, its variables and units."""
+    """The first sentence of the file's leading comment; for a capsule without one, its
+    variables and units."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         return f"(unreadable: {exc.strerror})"
+    comment = []
     for line in text.splitlines():
         stripped = line.strip()
-        if stripped.startswith("#") and "@package" not in stripped and stripped.strip("# "):
-            return stripped.lstrip("# ").strip()
-        if stripped and not stripped.startswith("#"):
+        if not stripped.startswith("#"):
             break
+        if "@package" not in stripped:
+            comment.append(stripped.lstrip("#").strip())
+    if comment:
+        return re.split(r"(?<=\.)\s", " ".join(comment), maxsplit=1)[0]
     if group == "capsule":
         try:
             data = OmegaConf.to_container(OmegaConf.load(path))

@@ -122,6 +122,9 @@ def load_index(cfg: Any, capsule: CapsuleConfig) -> tuple[Manifest, Stats]:
             manifest = crawl(cfg)
             stats = _read_index(index, capsule.name)[1]
         if stats is None:
+            if not manifest.usable(capsule.name):
+                raise ConfigError(f"capsule '{capsule.name}' has no usable files under data.root="
+                                  f"{manifest.root} (see the error column of {index / 'manifest.parquet'})")
             log.info("running the statistics pass for %s", capsule.name)
             stats = run_stats_pass(manifest, capsule, index, cfg)
     return manifest, stats

@@ -26,7 +26,6 @@ from ebm_vae.config import CapsuleConfig
 from ebm_vae.data.extractors import EXTRACTORS, StateInfo
 from ebm_vae.data.readers.base import one_line
 from ebm_vae.data.units import WorkUnit, chunk_samples, entry_plan, read_unit
-from ebm_vae.errors import ConfigError
 from ebm_vae.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -260,7 +259,7 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
     extractor = EXTRACTORS[capsule.extractor](capsule)
     entries = manifest.usable(capsule.name)
     if not entries:
-        raise ConfigError(f"capsule '{capsule.name}' has no usable files under data.root={manifest.root} "
+        raise ValueError(f"capsule '{capsule.name}' has no usable files under data.root={manifest.root} "
                          f"(see the error column of {Path(index_dir) / 'manifest.parquet'})")
     plans = [entry_plan(extractor, e) for e in entries]
     state = Counter(p.state for p in plans).most_common(1)[0][0]
@@ -294,8 +293,7 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
         log.warning("statistics of %s: %d of %d usable files skipped (reasons above), %d counted",
                     capsule.name, len(skipped), len(entries), len(files))
     if total.count == 0:
-        raise ConfigError(f"capsule '{capsule.name}': no finite samples in {len(entries)} usable files "
-                          f"under data.root={manifest.root}")
+        raise ValueError(f"capsule '{capsule.name}': no finite samples in {len(entries)} usable files")
     pca = principal_basis(reservoir.sample, total.mean, cfg.crawl.n_components) if reservoir else None
     stats = Stats.from_moments(capsule.name, state, total, pca=pca, files=files)
     stats.save(Path(index_dir) / capsule.name / "stats.json")
