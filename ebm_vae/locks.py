@@ -9,10 +9,11 @@
 
 The lock of `DIR/NAME` is the hidden file `DIR/.NAME.lock`, locked with a POSIX record lock
 (`fcntl.lockf`: released by the kernel when its holder dies, so a killed run never leaves a
-stale lock; not inherited by forked workers; honoured over NFS) and removed by the last holder. An exclusive holder writes who it is into the file; a process that has to
-wait says once whom it waits for. A process may take a lock it already holds (the crawl
-inside a training run's index read), and on a file system without locks they are
-skipped with one warning.
+stale lock; not inherited by forked workers; honoured over NFS) and removed by the last
+holder. An exclusive holder writes who it is into the file; a process that has to wait says
+once whom it waits for. A process may take a lock it already holds (the crawl inside a
+training run's index read). Without file locks (a file system that has none, a folder this
+process may not write, such as a read-only index it only reads) the block runs unlocked.
 
 The code of this module never opens a lock file that its own process holds (a POSIX lock
 ends when its process closes any descriptor of the file).
@@ -90,11 +91,18 @@ def output_lock(target: str | os.PathLike, purpose: str, *, shared: bool = False
 
 
 def _acquire(target: Path, path: Path, purpose: str, shared: bool, wait: bool, advice: str) -> int | None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     started, told = time.monotonic(), False
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:  # e.g. reading an index on a read-only share
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            if not shared:  # a write there fails on its own, naming the output
+                _warn_unsupported(path, exc)
+            return None
         try:
             fcntl.lockf(fd, mode | fcntl.LOCK_NB)
         except OSError as exc:
@@ -140,8 +148,9 @@ def _describe_holder(fd: int, purpose: str) -> None:
     info = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
             "since": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    with contextlib.suppress(OSError):  # only a courtesy to a process that waits
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
 
 
 def _holder(path: Path) -> str:
@@ -156,6 +165,6 @@ def _holder(path: Path) -> str:
 def _warn_unsupported(path: Path, exc: OSError) -> None:
     global _unsupported_warned
     if not _unsupported_warned:
-        log.warning("cannot lock %s (%s): this file system has no file locks, so two runs on the "
-                    "same outputs are not kept apart", path, exc.strerror or exc)
+        log.warning("cannot lock %s (%s): two runs on the same outputs are not kept apart here",
+                    path, exc.strerror or exc)
         _unsupported_warned = True

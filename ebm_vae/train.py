@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -60,8 +61,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     checkpoints = Path(cfg.paths.checkpoints) / capsule.name
     with _checkpoint_folder_lock(checkpoints, capsule.name):
         ckpt_path = resume_path(cfg.ckpt_path, checkpoints)
-        # weights_only: a checkpoint is a file from somewhere; torch < 2.6 would unpickle anything in it
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with warnings.catch_warnings():
+            if ckpt_path is not None:  # a resume writes into its own folder: no news
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            # weights_only: a checkpoint is a file from somewhere; torch < 2.6 would unpickle anything in it
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("%s: %s", capsule.name, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
     return metrics

@@ -95,9 +95,12 @@ def test_resume_after_a_cut_last_ckpt_shows_steps_of_the_whole_run(train_cfg, tm
     monkeypatch.setattr(StepProgressBar, "_update", lambda self, task_id, current, *a, **k: (
         task_id == self.train_progress_bar_id and shown.append((current, self.progress.tasks[task_id].total)),
         update(self, task_id, current, *a, **k)))
-    with caplog.at_level(logging.WARNING, logger="ebm_vae.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="ebm_vae.checkpoints"), \
+            warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         train(train_cfg(tmp_path, "grid", "ckpt_path=last", "trainer.enable_progress_bar=true",
                         *overrides[1:], "trainer.max_steps=8"))
+    assert not [w for w in seen if "exists and is not empty" in str(w.message)]  # a resume: no news
     assert f"resuming from {best} (step {step}) instead" in caplog.text
     assert shown[0] == (step + 1, 8) and shown[-1] == (8, 8)
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 8

@@ -98,6 +98,25 @@ def test_readers_share_and_a_writer_waits_for_them(tmp_path):
         stop(child)
 
 
+def test_without_file_locks_the_block_runs_unlocked(tmp_path, monkeypatch, caplog):
+    import errno
+
+    import ebm_vae.locks as locks
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(locks.os, "open", read_only)
+    monkeypatch.setattr(locks, "_unsupported_warned", False)
+    with caplog.at_level(logging.WARNING, logger="ebm_vae.locks"):
+        with output_lock(tmp_path / "index", "reading a read-only index", shared=True):
+            pass
+        assert caplog.text == ""  # a reader of a read-only index: nothing to say
+        with output_lock(tmp_path / "index", "a crawl"), output_lock(tmp_path / "map.npz", "an export"):
+            pass
+    assert caplog.text.count("two runs on the same outputs are not kept apart here") == 1
+
+
 def test_locks_nest_within_a_process(tmp_path):
     with output_lock(tmp_path / "index", "crawl"), output_lock(tmp_path / "index", "stats pass"), \
             output_lock(tmp_path / "index", "read", shared=True):
