@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from ebm_vae import demo
-from ebm_vae.cli import ArgumentError, message_of, parse_arguments
+from ebm_vae.cli import message_of
 from ebm_vae.config import compose
 from ebm_vae.crawl import app as crawl_app
 from ebm_vae.crawl.crawl import crawl
@@ -24,6 +24,7 @@ from ebm_vae.crawl.manifest import read_manifest
 from ebm_vae.errors import USER_ERRORS, ConfigError, is_user_error
 from ebm_vae.export import main as export_main
 from ebm_vae.train import main as train_main
+from ebm_vae.usage import ArgumentError, parse_arguments
 
 PENDULUM = """\
 # A pendulum: angle and angular velocity.
