@@ -65,6 +65,9 @@ class CrawlConfig:
     checkpoint_s: float = 60.0  # write the manifest so far this often: a killed crawl resumes
     file_timeout_s: float = 60.0  # a file whose reader makes no progress this long: error row / quarantine
     stats: bool = True  # run the statistics pass for capsules with new or changed files
+    # an index holds one data tree: crawling another into it is refused unless this is true
+    # (the old index and its statistics are then replaced)
+    replace_index: bool = False
     progress: bool = True
     stats_reservoir: int = 4096  # samples kept for the principal basis of field states
     # processes of the statistics pass; None = one per CPU (shared by a node's ranks); 0 = this

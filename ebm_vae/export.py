@@ -21,17 +21,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from ebm_vae import __version__
-from ebm_vae.capsules import hydra_search_path, parse_capsule
-from ebm_vae.config import CapsuleConfig, config_dir, to_container
+from ebm_vae.capsules import parse_capsule
+from ebm_vae.cli import App
+from ebm_vae.config import CapsuleConfig, to_container
 from ebm_vae.data.extractors.base import StateInfo
 from ebm_vae.energy.grid import GridStats, StateGrid
 from ebm_vae.energy.mapfile import EnergyMap
 from ebm_vae.energy.plot import plot_map
+from ebm_vae.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,13 @@ def export(cfg: DictConfig) -> Path:
     """Write the energy map of `cfg.capsule` (and its PNG); return the `.npz` path."""
     capsule = parse_capsule(cfg.capsule, source="capsule")
     ex = cfg.export
-    out = Path(ex.out) if ex.out else Path(cfg.paths.energy_maps) / f"{capsule.name}.npz"
+    out = map_path(cfg)
     if ex.method == "vae":
         energy_map = _vae_map(cfg, capsule)
     elif ex.method == "histogram":
         energy_map = _histogram_map(cfg, capsule)
     else:
-        raise ValueError(f"export.method must be 'vae' or 'histogram', got '{ex.method}'")
+        raise ConfigError(f"export.method must be 'vae' or 'histogram', got '{ex.method}'")
     energy_map.save(out)
     log.info("wrote %s", out)
     if ex.plot:
@@ -77,14 +78,14 @@ def _index_stats(cfg: DictConfig, capsule: str):
 
 def _vae_map(cfg: DictConfig, capsule: CapsuleConfig) -> EnergyMap:
     from ebm_vae.energy.evaluate import evaluate_energy
-    from ebm_vae.energy.model import load_vae
+    from ebm_vae.energy.model import CheckpointError, load_vae
 
     ex = cfg.export
     ckpt = Path(cfg.ckpt) if cfg.ckpt else Path(cfg.paths.checkpoints) / capsule.name / "last.ckpt"
     vae = load_vae(ckpt, ex.device)
     trained_on = vae.hparams.capsule.get("name")
     if trained_on != capsule.name:
-        raise ValueError(f"{ckpt}: a checkpoint of capsule '{trained_on}', not of capsule="
+        raise CheckpointError(f"{ckpt}: a checkpoint of capsule '{trained_on}', not of capsule="
                          f"'{capsule.name}'; pass capsule={trained_on} or the ckpt=PATH of a {capsule.name} run")
     state = vae.state_info
     grid = StateGrid.build(state, _vae_grid_stats(vae, _index_stats(cfg, capsule.name)), ex.axes,
@@ -131,13 +132,16 @@ def _histogram_map(cfg: DictConfig, capsule: CapsuleConfig) -> EnergyMap:
     stats = _index_stats(cfg, capsule.name)
     if stats is None:
         raise FileNotFoundError(f"{Path(cfg.paths.index) / capsule.name / 'stats.json'}: no statistics "
-                                f"for capsule '{capsule.name}'; run `ebm-vae-crawl data.root=DIR` first")
+                                f"for capsule '{capsule.name}' in the index of data.root={manifest.root}; "
+                                "run `ebm-vae-crawl data.root=DIR` first")
     grid = StateGrid.build(stats.state_info, GridStats.from_stats(stats), ex.axes, ex.limits,
                            ex.resolution, to_container(ex.reference))
     result = histogram_energy(grid, capsule, manifest, cfg.data.chunk_bytes, progress=ex.progress)
     if not result.files:
-        raise ValueError(f"capsule '{capsule.name}': no usable file could be counted "
-                         f"({len(result.skipped)} skipped); see the warnings above")
+        why = (f"{len(result.skipped)} skipped, reasons above" if result.skipped else
+               "the index lists none: check the capsule's match rules, or re-run ebm-vae-crawl")
+        raise ConfigError(f"capsule '{capsule.name}': no usable file in the index of "
+                          f"data.root={manifest.root} could be counted ({why})")
     report = result.counts.report()
     log.info("histogram %s: %d states, %d outside the grid, %d of %d bins empty", capsule.name,
              report["n_total"], report["n_outside_grid"], report["empty_bins"], report["bins"])
@@ -191,11 +195,44 @@ def _normalization(state: StateInfo, stats: GridStats, log_jacobian: float) -> d
     return out
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="export")
-def main(cfg: DictConfig) -> None:
-    with open_dict(cfg):  # --config-dir DIR brings DIR/capsule/*.yaml, as for the crawl
-        cfg.capsule_search_path = list(dict.fromkeys([*cfg.capsule_search_path, *hydra_search_path()]))
-    print(export(cfg))
+def map_path(cfg: DictConfig) -> Path:
+    """Where the map of `cfg.capsule` goes: export.out, else ${paths.energy_maps}/<capsule>.npz."""
+    return Path(cfg.export.out) if cfg.export.out else Path(cfg.paths.energy_maps) / f"{cfg.capsule.name}.npz"
+
+
+def export_locked(cfg: DictConfig) -> Path:
+    """`export` holding the map's lock (two exports of one map wait for each other, so its .npz
+    and .png come from one run) and a shared lock of the index (a crawl waits until it is read)."""
+    from ebm_vae.locks import output_lock
+
+    with output_lock(map_path(cfg), f"the export of capsule {cfg.capsule.name}"), \
+            output_lock(cfg.paths.index, f"the export of capsule {cfg.capsule.name}", shared=True):
+        return export(cfg)
+
+
+def _print_export(cfg: DictConfig) -> None:
+    print(export_locked(cfg))
+
+
+main = App(
+    name="ebm-vae-export", config_name="export", task=_print_export,
+    summary="the energy map E(x) = -log p(x) (nats) of one capsule from its checkpoint or a "
+            "histogram; writes energy_maps/<capsule>.npz and .png under paths.root",
+    usage=("capsule=NAME [ckpt=PATH] [export.k=K] [export.resolution=R] [KEY=VALUE ...]",
+           "capsule=NAME export.method=histogram             # exact counts, no checkpoint"),
+    choices=("capsule", "preset"),
+    overrides=(
+        ("ckpt=PATH", "the checkpoint (default: checkpoints/<capsule>/last.ckpt)"),
+        ("export.method=vae|histogram", "the VAE's bound (default), or the histogram of the index"),
+        ("export.k=K", "importance samples: 1 = negative ELBO, more = a tighter bound (default 64)"),
+        ("export.resolution=R", "grid points per axis"),
+        ("export.axes=[a,b]", "the map's axes: state components, or pc1, pc2, ... for fields"),
+        ("export.limits=[[lo,hi],[lo,hi]]", "axis limits in physical units (default: from the data)"),
+        ("export.out=PATH", "the .npz to write (default: energy_maps/<capsule>.npz; replaced if there)"),
+        ("export.device=auto|cpu|cuda", "where the VAE is evaluated"),
+        ("paths.root=DIR", "where the index, checkpoints and maps are (default: the current folder)"),
+    ),
+).main
 
 
 if __name__ == "__main__":

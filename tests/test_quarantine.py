@@ -2,13 +2,13 @@
 
 Each case trains in a child process on two good fusion files and damaged ones:
 - the issue's recipes: `write_fusion_plain(n_time=2, n=4, nz=2)` with byte 1657 set to 23
-  (crashes libhdf5 2.0) or byte 2176 set to 181 (hangs it). With HDF5 2.0 both already strike
-  in the metadata the crawl reads (dataset attributes), so the crawl's isolation turns them
-  into error rows;
-- damage in the data only: byte 1691 set to 0x17 passes the crawl and hangs the first read of
-  B's data (found by flipping bytes of the same file); for a crash in a data read no such byte
-  was found, so the reader is made to segfault (SIGSEGV) on the damaged file's data, as
-  libhdf5 does on some.
+  (crashes libhdf5 2.0) or byte 2176 set to 181 (hangs it). With HDF5 2.0 and our reader both
+  strike in the metadata the crawl reads (dataset attributes), so the crawl's isolation turns
+  them into error rows;
+- damage in the data only: flipping each byte of that file (two values each) found none that
+  passes the crawl and then crashes or hangs a data read, so the reader is made to do what
+  libhdf5 does on such files: segfault (SIGSEGV), or never return, in a read of the damaged
+  file's data.
 The statistics pass reads every file's data in isolated worker processes: the file is
 quarantined (its reason in the manifest, kept by the next crawl, skipped by the statistics and
 exports), training goes on without it, with `data.num_workers` 0 and 2, the state cache on
@@ -34,20 +34,23 @@ from ebm_vae.crawl.manifest import read_manifest
 from ebm_vae.data.stats import Stats
 
 TRAIN_WITH_A_DAMAGED_FILE = """
-import logging, os, signal, sys
+import logging, os, signal, sys, time
 from ebm_vae.config import compose
 from ebm_vae.data.readers import hdf5
 from ebm_vae.train import train
 
-if sys.argv[1] == "crash":  # libhdf5 segfaulting in a data read of this one file
-    read = hdf5.Hdf5Handle.read
+read = hdf5.Hdf5Handle.read
 
-    def crash_on_the_damaged_file(self, name, selection=()):
-        if self.path.name == "MHD_damaged_data.h5" and name == "B":
+
+def fails_on_the_damaged_file(self, name, selection=()):  # what libhdf5 does on some files
+    if self.path.name == "MHD_damaged_data.h5" and name == "B":
+        if sys.argv[1] == "crash":
             os.kill(os.getpid(), signal.SIGSEGV)
-        return read(self, name, selection)
+        time.sleep(3600)
+    return read(self, name, selection)
 
-    hdf5.Hdf5Handle.read = crash_on_the_damaged_file
+
+hdf5.Hdf5Handle.read = fails_on_the_damaged_file
 logging.basicConfig(level=logging.INFO, format="%(message)s")  # as ebm-vae-train's Hydra logging
 train(compose("train", sys.argv[2:]))
 """
@@ -64,12 +67,8 @@ def damaged_copy(path: Path, offset: int, value: int) -> Path:
 def write_tree(data: Path, how: str) -> None:
     for k in range(2):
         demo.write_fusion_plain(data / f"MHD_good_{k}.h5", n_time=8, n=4, nz=2, seed=k)
-    if how == "crash":
-        damaged_copy(data / "MHD_damaged_meta.h5", 1657, 23)
-        demo.write_fusion_plain(data / "MHD_damaged_data.h5", n_time=2, n=4, nz=2, seed=3)
-    else:
-        damaged_copy(data / "MHD_damaged_meta.h5", 2176, 181)
-        damaged_copy(data / "MHD_damaged_data.h5", 1691, 0x17)
+    damaged_copy(data / "MHD_damaged_meta.h5", *({"crash": (1657, 23), "hang": (2176, 181)}[how]))
+    demo.write_fusion_plain(data / "MHD_damaged_data.h5", n_time=2, n=4, nz=2, seed=3)
 
 
 def train_in_child(tmp_path: Path, how: str, workers: int, cache: str) -> tuple[int, str]:

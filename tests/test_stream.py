@@ -407,4 +407,4 @@ def test_rank_totals_merge_files_once():
 
     merged = merge_totals([{"read": 10, "dropped": 1, "skipped": {"a": "gone"}},
                            {"read": 5, "dropped": 2, "skipped": {"a": "gone", "b": "changed"}}])
-    assert merged == {"read": 15, "dropped": 3, "skipped": {"a": "gone", "b": "changed"}}
+    assert merged == {"read": 15, "dropped": 3, "skipped_rows": 0, "skipped": {"a": "gone", "b": "changed"}}

@@ -14,10 +14,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+from ebm_vae.callbacks import ValidateAtEnd
 from ebm_vae.capsules import CapsuleError
 from ebm_vae.data.stats import Stats
 from ebm_vae.model.vae import VAE
-from ebm_vae.train import ValidateAtEnd, train
+from ebm_vae.train import train
 
 CAPSULES = ("fusion", "wafer", "grid")
 VAL_METRICS = ("val/elbo", "val/iwae", "val/recon", "val/kl", "val/iwae_phys")
@@ -171,7 +172,7 @@ def test_multirun_trains_one_model_per_capsule(demo_index, tmp_path):
         assert (tmp_path / "checkpoints" / capsule / "last.ckpt").is_file()
         assert (tmp_path / "logs" / "tensorboard" / capsule).is_dir()
     assert (tmp_path / "logs" / "hydra" / "multiruns").is_dir()  # not in the working directory
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "logs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "checkpoints", "logs"]
 
 
 RECORDER = """

@@ -7,6 +7,7 @@ data tree and running the statistics pass first when their outputs are missing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +22,12 @@ from ebm_vae.config import CapsuleConfig
 from ebm_vae.crawl.manifest import Manifest, read_manifest
 from ebm_vae.data.cache import StateCache, state_cache
 from ebm_vae.data.extractors import EXTRACTORS, StateInfo
-from ebm_vae.data.filepass import fill_cache
+from ebm_vae.data.filepass import fill_cache, launched_ranks
 from ebm_vae.data.stats import Stats, run_stats_pass
 from ebm_vae.data.stream import StateStream, stream_args
 from ebm_vae.data.units import WorkUnit, block_grid, entry_plan, plan_units, split_warnings
+from ebm_vae.errors import ConfigError
+from ebm_vae.locks import output_lock
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,9 @@ class CapsuleDataModule(L.LightningDataModule):
         split = plan_units(entries, self.extractor, self.state, data_cfg.unit_samples,
                            data_cfg.unit_bytes, data_cfg.val_fraction, data_cfg.val_block)
         if not split.train:
-            raise ValueError(f"capsule '{capsule.name}': no usable files of state shape "
-                             f"{self.state.shape} in the manifest")
+            raise ConfigError(f"capsule '{capsule.name}': none of the usable files in the index of "
+                              f"data.root={manifest.root} has the state shape {self.state.shape} of its "
+                              "statistics; re-run ebm-vae-crawl data.root=DIR")
         self.train_units, self.val_units = split.train, split.val
         self.split = split.report({f["path"]: f["blocks"] for f in stats.files if "blocks" in f})
         for line in split_warnings(self.split):
@@ -126,48 +130,72 @@ def load_index(cfg: Any, capsule: CapsuleConfig) -> tuple[Manifest, Stats]:
 
 
 def load_data(cfg: Any, capsule: CapsuleConfig) -> tuple[Manifest, Stats, StateCache | None]:
-    """The manifest, the capsule's statistics under `cfg.paths.index`, and its state cache.
+    """The manifest, the capsule's statistics under `cfg.paths.index` (one snapshot), and its
+    state cache.
 
-    Crawls `cfg.data.root` when there is no manifest (or it indexes another root), and runs the
+    Both are read under the index's lock, so a crawl writing them at the same time is waited
+    for. Crawls `cfg.data.root` when there is no manifest yet (an index of another root than
+    `data.root` is refused there: `crawl.replace_index=true` replaces it), and runs the
     statistics pass when the capsule has no `stats.json` yet. With the state cache on
     (`data.cache`), the files it lacks are extracted into it (by the statistics pass when it
     runs, else by a fill pass); both read files in isolated processes, so a file that crashes or
-    hangs its reader is quarantined before training starts.
+    hangs its reader is quarantined before training starts. Under a launcher with several ranks
+    the passes are collective: every rank takes part, and rank 0 alone writes (under the lock).
     """
     index = Path(cfg.paths.index)
-    data_root = Path(cfg.data.root).resolve() if cfg.data.root else None
-    try:
-        manifest = read_manifest(index)
-        stale = data_root is not None and manifest.root.resolve() != data_root
-    except FileNotFoundError:
-        manifest, stale = None, True
-    if stale:
-        if data_root is None:
-            raise FileNotFoundError(f"{index}: no manifest; pass data.root=DIR to crawl one")
-        from ebm_vae.crawl.crawl import crawl
+    data_root = Path(cfg.data.root).expanduser().resolve() if cfg.data.root else None
+    purpose = f"reading the index for capsule {capsule.name}"
+    with output_lock(index, purpose, shared=True):
+        manifest, stats = _read_index(index, capsule.name)
+    complete = manifest is not None and stats is not None and data_root in (None, manifest.root.resolve())
+    # a collective pass must not wait on a lock that another rank of the same pass holds
+    completing = (contextlib.nullcontext() if complete or launched_ranks() > 1
+                  else output_lock(index, purpose.replace("reading", "completing")))
+    with completing:
+        if not complete:  # another process may have completed it meanwhile
+            manifest, stats = _read_index(index, capsule.name)
+        if manifest is None or data_root not in (None, manifest.root.resolve()):
+            if data_root is None:
+                raise FileNotFoundError(f"{index}: no manifest; pass data.root=DIR to crawl one")
+            from ebm_vae.crawl.crawl import crawl
 
-        log.info("crawling %s into %s", data_root, index)
-        manifest = crawl(cfg)
-    cache = state_cache(cfg, capsule, manifest)
-    stats_path = index / capsule.name / "stats.json"
-    if stats_path.is_file():
-        stats = Stats.load(stats_path)
-        if cache is not None:
+            log.info("crawling %s into %s", data_root, index)
+            manifest = crawl(cfg)
+            stats = _read_index(index, capsule.name)[1]
+        if not manifest.usable(capsule.name):
+            raise ConfigError(f"capsule '{capsule.name}' has no usable files under data.root="
+                              f"{manifest.root} (see the error column of {index / 'manifest.parquet'})")
+        cache = state_cache(cfg, capsule, manifest)
+        if stats is None:
+            log.info("running the statistics pass for %s", capsule.name)
+            stats = run_stats_pass(manifest, capsule, index, cfg, cache)
+        elif cache is not None:
             fill_cache(manifest, capsule, cfg, cache, index)
-    else:
-        log.info("running the statistics pass for %s", capsule.name)
-        stats = run_stats_pass(manifest, capsule, index, cfg, cache)
     if cache is not None:
-        extractor = EXTRACTORS[capsule.extractor](capsule)
-        keep = set()
-        for entry in manifest.usable(capsule.name):
-            plan = entry_plan(extractor, entry)
-            keep.add(cache.key(WorkUnit.whole(entry, plan), block_grid(plan, cfg.data.val_block)))
-        removed = cache.prune(keep)
-        if removed:
-            log.info("state cache of %s: removed %d shards of changed or deleted files", capsule.name, removed)
+        prune_cache(cfg, capsule, manifest, cache)
     warn_unread(capsule.name, manifest, stats, cache)
     return manifest, stats, cache
+
+
+def _read_index(index: Path, capsule: str) -> tuple[Manifest | None, Stats | None]:
+    try:
+        manifest = read_manifest(index)
+    except FileNotFoundError:
+        return None, None
+    stats_path = index / capsule / "stats.json"
+    return manifest, Stats.load(stats_path) if stats_path.is_file() else None
+
+
+def prune_cache(cfg: Any, capsule: CapsuleConfig, manifest: Manifest, cache: StateCache) -> None:
+    """Remove the shards of files changed or gone since they were written."""
+    extractor = EXTRACTORS[capsule.extractor](capsule)
+    keep = set()
+    for entry in manifest.usable(capsule.name):
+        plan = entry_plan(extractor, entry)
+        keep.add(cache.key(WorkUnit.whole(entry, plan), block_grid(plan, cfg.data.val_block)))
+    removed = cache.prune(keep)
+    if removed:
+        log.info("state cache of %s: removed %d shards of changed or deleted files", capsule.name, removed)
 
 
 def warn_unread(capsule: str, manifest: Manifest, stats: Stats, cache: StateCache | None) -> None:

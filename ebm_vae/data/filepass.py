@@ -33,13 +33,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ebm_vae.data.cache import StateCache
 from ebm_vae.data.extractors import Extractor, StateInfo
-from ebm_vae.data.readers import READERS
 from ebm_vae.data.readers.base import one_line
 from ebm_vae.data.units import (
-    BYTE_EXTENT_FORMATS,
     BlockGrid,
     WorkUnit,
     block_grid,
+    byte_extent,
     check_unchanged,
     entry_plan,
 )
@@ -65,15 +64,18 @@ class FileResult:
     accumulator: Any = None
     n_read: int = 0  # states read, NaN/Inf ones included
     n_finite: int = 0
+    skipped_rows: int = 0  # rows or lines the reader could not parse (ragged CSV rows, log lines)
     block_counts: list[int] | None = None  # byte-extent formats: states read per block ...
     block_length: int = 0  # ... of this many bytes
     cached: bool = False
+    cache_error: str | None = None  # why the states could not be cached (the file still counts)
     error: str | None = None  # an ordinary failure: skipped
     failure: Failure | None = None  # a crash or a hang: quarantined
 
     def record(self) -> dict[str, Any]:
         """The file's entry in `stats.json`."""
-        out: dict[str, Any] = {"path": self.path, "n_read": self.n_read, "n_finite": self.n_finite}
+        out: dict[str, Any] = {"path": self.path, "n_read": self.n_read, "n_finite": self.n_finite,
+                               "skipped_rows": self.skipped_rows}
         if self.block_counts is not None:
             out["blocks"] = {"length": self.block_length, "counts": self.block_counts}
         return out
@@ -83,7 +85,7 @@ def _chunks(extractor: Extractor, handle: Any, task: FileTask, chunk: int) -> It
     """(states, block of each state) over the whole file, in file order. Byte-extent files
     are read block by block (a block's sample count is only known by reading it)."""
     plan, grid = task.unit.plan, task.grid
-    if task.unit.format in BYTE_EXTENT_FORMATS and not grid.by_sample:
+    if byte_extent(task.unit.format) and not grid.by_sample:
         for block in range(grid.n_blocks):
             start, stop = grid.bounds(block, block + 1)
             for states in extractor.iter_states(handle, plan, start, stop, chunk):
@@ -100,14 +102,15 @@ def _chunks(extractor: Extractor, handle: Any, task: FileTask, chunk: int) -> It
 def read_file(task: FileTask, extractor: Extractor, root: Path, chunk: int, accumulator: Any,
               cache: StateCache | None) -> FileResult:
     """One file's pass (in a worker): every state goes to `accumulator.add`, and its finite
-    states to a cache shard when the task says so."""
+    states to a cache shard when the task says so. A failing shard write (a full disk) only
+    leaves the file uncached: `cache_error` says why."""
     unit, grid = task.unit, task.grid
     result = FileResult(task.index, unit.path, accumulator)
     counts = np.zeros(grid.n_blocks, dtype=np.int64)
-    writer = cache.writer(unit, grid) if cache is not None and task.write_cache else None
+    writer = _ShardWrite(cache, unit, grid) if cache is not None and task.write_cache else None
     try:
         path = check_unchanged(root, unit)
-        with READERS[unit.format].open(path) as handle:
+        with extractor.open(path, unit.format) as handle:
             for states, blocks in _chunks(extractor, handle, task, chunk):
                 accumulator.add(states)
                 finite = np.isfinite(states).all(axis=1)
@@ -121,16 +124,52 @@ def read_file(task: FileTask, extractor: Extractor, root: Path, chunk: int, accu
                     writer.add(kept, raw if all_finite else np.bincount(blocks[finite], minlength=grid.n_blocks),
                                raw)
                 heartbeat(len(states))
-        if writer is not None:
-            writer.commit()
-            result.cached = True
+            result.skipped_rows = handle.skipped_rows
     except Exception as exc:  # a bad file never stops the pass: skipped, with its reason
         if writer is not None:
             writer.abort()
         return FileResult(task.index, unit.path, error=one_line(exc))
-    if unit.format in BYTE_EXTENT_FORMATS and not grid.by_sample:
+    if writer is not None:
+        result.cached, result.cache_error = writer.commit()
+    if byte_extent(unit.format) and not grid.by_sample:
         result.block_counts, result.block_length = counts.tolist(), grid.length
     return result
+
+
+class _ShardWrite:
+    """A shard being written, whose failure (a full disk, a cache folder that vanished) stops
+    the shard, not the pass that feeds it."""
+
+    def __init__(self, cache: StateCache, unit: WorkUnit, grid: BlockGrid):
+        self.writer, self.error = None, None
+        try:
+            self.writer = cache.writer(unit, grid)
+        except Exception as exc:
+            self.error = one_line(exc)
+
+    def add(self, *args: Any) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.add(*args)
+        except Exception as exc:
+            self.abort()
+            self.error = one_line(exc)
+
+    def commit(self) -> tuple[bool, str | None]:
+        if self.writer is None:
+            return False, self.error
+        try:
+            self.writer.commit()
+        except Exception as exc:
+            return False, one_line(exc)
+        return True, None
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.abort()
+            self.writer = None
 
 
 # The worker side: what every task of one pass shares, set once per worker process.
@@ -291,6 +330,15 @@ class Distributed:
             dist.barrier()
 
 
+def launched_ranks() -> int:
+    """How many ranks this process is one of (a running process group's, or the launcher's)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return _launcher_ranks()[1]
+
+
 def _launcher_ranks() -> tuple[int, int]:
     """(rank, world) from torchrun's or SLURM's environment; (0, 1) without one."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
@@ -318,14 +366,16 @@ def quarantine(index_dir: str | Path | None, manifest: Any, failed: dict[str, st
     if index_dir is None:
         return
     from ebm_vae.crawl.manifest import read_manifest, write_manifest
+    from ebm_vae.locks import output_lock
 
-    try:
-        on_disk = read_manifest(index_dir)
-    except FileNotFoundError:
-        return
-    on_disk.set_errors(errors, only_like={e.path: (e.size, e.mtime_ns) for e in manifest.entries()
-                                          if e.path in failed})
-    write_manifest(on_disk, index_dir)
+    with output_lock(index_dir, "recording quarantined files"):  # re-entrant: the crawl holds it
+        try:
+            on_disk = read_manifest(index_dir)
+        except FileNotFoundError:
+            return
+        on_disk.set_errors(errors, only_like={e.path: (e.size, e.mtime_ns) for e in manifest.entries()
+                                              if e.path in failed})
+        write_manifest(on_disk, index_dir)
 
 
 class _Nothing:
@@ -355,8 +405,8 @@ def fill_cache(manifest: Any, capsule: Any, cfg: Any, cache: StateCache, index_d
     def collect(result: FileResult) -> None:
         if result.failure is not None:
             failed[result.path] = result.error
-        elif result.error is not None:
-            log.warning("not caching %s: %s", result.path, result.error)
+        elif result.error is not None or result.cache_error is not None:
+            log.warning("not caching %s: %s", result.path, result.error or result.cache_error)
 
     with Distributed() as ranks:
         mine = [FileTask(i, t.unit, t.grid, True) for i, t in enumerate(share(todo, ranks.rank, ranks.world))]

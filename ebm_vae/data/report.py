@@ -23,11 +23,11 @@ LEDGER_BYTES = 1 << 14  # per worker: skipped files and reasons (more are counte
 class StreamCounters:
     """Per-worker-slot totals of one stream in shared memory (see the module docstring)."""
 
-    READ, DROPPED, SKIPPED = range(3)
+    READ, DROPPED, SKIPPED, SKIPPED_ROWS = range(4)
 
     def __init__(self, n_slots: int = 1):
         n_slots = max(1, n_slots)
-        self.numbers = torch.zeros((n_slots, 3), dtype=torch.int64).share_memory_()
+        self.numbers = torch.zeros((n_slots, 4), dtype=torch.int64).share_memory_()
         self.ledger = torch.zeros((n_slots, LEDGER_BYTES), dtype=torch.uint8).share_memory_()
         self.used = torch.zeros(n_slots, dtype=torch.int64).share_memory_()
         self._views: tuple | None = None
@@ -42,11 +42,12 @@ class StreamCounters:
             self._views = (self.numbers.numpy(), self.ledger.numpy(), self.used.numpy())
         return self._views
 
-    def add(self, slot: int, read: int = 0, dropped: int = 0) -> None:
+    def add(self, slot: int, read: int = 0, dropped: int = 0, skipped_rows: int = 0) -> None:
         numbers = self._arrays()[0]
         row = slot % len(numbers)
         numbers[row, self.READ] += read
         numbers[row, self.DROPPED] += dropped
+        numbers[row, self.SKIPPED_ROWS] += skipped_rows
 
     def skipped(self, slot: int, path: str, reason: str) -> None:
         """Note a file this worker skipped (once per worker and file)."""
@@ -60,16 +61,17 @@ class StreamCounters:
             used[slot] = start + len(line)
 
     def totals(self) -> dict[str, Any]:
-        """{read, dropped, skipped: {path: reason}} over every slot (a file skipped by several
-        workers is one file)."""
+        """{read, dropped, skipped_rows, skipped: {path: reason}} over every slot (a file
+        skipped by several workers is one file)."""
         numbers, ledger, used = self._arrays()
-        read, dropped, _ = numbers.sum(axis=0).tolist()
+        read, dropped, _, skipped_rows = numbers.sum(axis=0).tolist()
         skipped: dict[str, str] = {}
         for slot in range(len(used)):
             for line in ledger[slot, : used[slot]].tobytes().decode("utf-8", errors="replace").splitlines():
                 path, _, reason = line.partition("\t")
                 skipped.setdefault(path, reason)
-        return {"read": int(read), "dropped": int(dropped), "skipped": skipped}
+        return {"read": int(read), "dropped": int(dropped), "skipped_rows": int(skipped_rows),
+                "skipped": skipped}
 
 
 def merge_totals(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -78,7 +80,7 @@ def merge_totals(parts: list[dict[str, Any]]) -> dict[str, Any]:
         for path, reason in part["skipped"].items():
             skipped.setdefault(path, reason)
     return {"read": sum(p["read"] for p in parts), "dropped": sum(p["dropped"] for p in parts),
-            "skipped": skipped}
+            "skipped_rows": sum(p.get("skipped_rows", 0) for p in parts), "skipped": skipped}
 
 
 def gather_totals(totals: dict[str, Any]) -> dict[str, Any]:
@@ -99,7 +101,7 @@ class DataSummary(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         streams = getattr(trainer.datamodule, "streams", {})
         for name in ("train", "val"):
-            empty = {"read": 0, "dropped": 0, "skipped": {}}
+            empty = {"read": 0, "dropped": 0, "skipped_rows": 0, "skipped": {}}
             stream = streams.get(name)
             self.totals[name] = gather_totals(stream.counters.totals() if stream is not None else empty)
 
@@ -114,7 +116,7 @@ def summary_lines(capsule: str, split: dict[str, Any], stats: Any, manifest: Any
     nonfinite = sum(f.get("n_read", 0) - f.get("n_finite", 0) for f in stats.files)
     if nonfinite:
         lines.append(f"  {nonfinite:,} samples with NaN/Inf values in the data (statistics pass): never used")
-    bad_rows = {f["path"]: f["bad_rows"] for f in stats.files if f.get("bad_rows")}
+    bad_rows = {f["path"]: f["skipped_rows"] for f in stats.files if f.get("skipped_rows")}
     if bad_rows:
         lines.append(f"  {sum(bad_rows.values()):,} rows/lines that did not parse, in {len(bad_rows)} files: "
                      + ", ".join(f"{p} ({n:,})" for p, n in list(bad_rows.items())[:5])
@@ -127,8 +129,9 @@ def summary_lines(capsule: str, split: dict[str, Any], stats: Any, manifest: Any
         t = totals.get(name)
         if not t:
             continue
-        lines.append(f"  {name} stream: {t['read']:,} states read, {t['dropped']:,} dropped (NaN/Inf; every "
-                     f"pass drops them again), {len(t['skipped'])} files skipped")
+        lines.append(f"  {name} stream: {t['read']:,} states read, {t['dropped']:,} dropped (NaN/Inf), "
+                     f"{t.get('skipped_rows', 0):,} rows/lines that did not parse (every pass meets them "
+                     f"again), {len(t['skipped'])} files skipped")
         for path, reason in sorted(t["skipped"].items()):
             lines.append(f"    skipped {path}: {reason}")
     for path in [s["path"] for s in stats.skipped if s["path"] not in dict(quarantined)]:

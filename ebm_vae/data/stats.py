@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ebm_vae.config import CapsuleConfig
-from ebm_vae.data.cache import StateCache
+from ebm_vae.data.cache import StateCache, state_cache
 from ebm_vae.data.extractors import EXTRACTORS, StateInfo
 from ebm_vae.data.filepass import (
     Distributed,
@@ -42,6 +42,7 @@ from ebm_vae.data.filepass import (
 )
 from ebm_vae.data.units import WorkUnit, chunk_samples, majority_state, path_seed
 from ebm_vae.io import atomic_path, atomic_write_json
+from ebm_vae.locks import output_lock
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +321,8 @@ class PassTotal:
             if result.failure is not None:
                 self.quarantined[unit.path] = result.error
         else:
+            if result.cache_error is not None:
+                log.warning("not caching the states of %s: %s", unit.path, result.cache_error)
             self.moments = self.moments.merge(result.accumulator.moments)
             if self.sample is not None:
                 self.sample = self.sample.merge(result.accumulator.sample)
@@ -373,17 +376,23 @@ def _pass_identity(capsule: CapsuleConfig, state: StateInfo, tasks: list[FileTas
     return hashlib.sha1(payload.encode()).hexdigest()
 
 
+CACHE_FROM_CONFIG = "data.cache"  # run_stats_pass: the capsule's state cache as cfg.data.cache says
+
+
 def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path, cfg: Any,
-                   cache: StateCache | None = None) -> Stats:
+                   cache: StateCache | str | None = CACHE_FROM_CONFIG) -> Stats:
     """Statistics of every usable file of `capsule`, written to `index_dir/<capsule>/stats.json`.
 
     `cfg` is a composed config with `crawl` (n_components, stats_reservoir, stats_workers,
     file_timeout_s, checkpoint_s, progress) and `data` (chunk_bytes, val_block). Files whose
     state shape differs from the majority's are skipped with a warning naming them, as are
     files that fail while being read; files that crash or hang their reader are quarantined
-    in the manifest (and in `manifest`, in memory). With `cache`, files without a shard get one.
+    in the manifest (and in `manifest`, in memory). Files without a shard in `cache` (by default
+    the capsule's state cache if `cfg.data.cache` says so; None: none) get one on the way.
     Under a launcher with several ranks every rank calls this; each reads its share.
     """
+    if cache == CACHE_FROM_CONFIG:
+        cache = state_cache(cfg, capsule, manifest)
     extractor = EXTRACTORS[capsule.extractor](capsule)
     entries = manifest.usable(capsule.name)
     if not entries:
@@ -406,7 +415,8 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
                                    files=sorted(total.files, key=lambda f: f["path"]),
                                    skipped=sorted(total.skipped, key=lambda f: f["path"]))
         if ranks.rank == 0:
-            stats.save(index_dir / capsule.name / "stats.json")
+            with output_lock(index_dir, f"the statistics of {capsule.name}"):  # re-entrant
+                stats.save(index_dir / capsule.name / "stats.json")
         ranks.barrier()
         checkpoint.unlink(missing_ok=True)
     return stats

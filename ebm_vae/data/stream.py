@@ -13,6 +13,7 @@ import heapq
 import itertools
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,7 @@ class StateStream(IterableDataset):
                 if unit.path in self.skipped:
                     continue
                 read = dropped = 0
+                skipped_rows: Counter[str] = Counter()
                 try:
                     found = shards.get(unit.path).slices(unit) if unit.path in shards else None
                     if found is not None:  # the cache holds finite states only: its drops are known
@@ -269,7 +271,7 @@ class StateStream(IterableDataset):
                         read = dropped
                         source = read_cached(shards.get(unit.path), rows, self.chunk)
                     else:
-                        source = read_unit(self.extractor, self.root, unit, self.chunk, files)
+                        source = read_unit(self.extractor, self.root, unit, self.chunk, files, skipped_rows)
                     for states in source:
                         read += len(states)
                         if not all_finite(states):  # the per-row test only when needed
@@ -281,7 +283,8 @@ class StateStream(IterableDataset):
                 except Exception as exc:
                     self._skip(unit.path, exc)
                 finally:
-                    self.counters.add(self._slot, read=read, dropped=dropped)
+                    self.counters.add(self._slot, read=read, dropped=dropped,
+                                      skipped_rows=skipped_rows[unit.path])
                     dropped_here += dropped
         finally:
             if dropped_here:  # said once per process: every later pass drops the same samples again

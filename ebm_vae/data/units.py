@@ -2,9 +2,9 @@
 
 Each file is cut into **blocks** (`BlockGrid`): about `data.val_block` samples each, and at
 least `MIN_BLOCKS` per file, so that a small file still has blocks spread over its whole length.
-Blocks live in the file's extent (rows, snapshots, or bytes for CSV, where a line belongs to
-the block its first byte is in); a file planned `whole_file` (a derived phase, which needs
-every earlier row) has its blocks in sample order instead.
+Blocks live in the file's extent (rows, snapshots, or bytes for CSV and logs, where a line
+belongs to the block its first byte is in); a file planned `whole_file` (a derived phase, which
+needs every earlier row) has its blocks in sample order instead.
 
 The split holds out a fraction f of **every** file: the blocks are grouped in strata of 1/f
 blocks and stratum j holds out block floor((j + u_j) / f), u_j a hash of (path, j). So every
@@ -13,7 +13,7 @@ hourly data gives about 1/f stretches of a few days, never a season), a block's 
 its path and index only (adding files changes nothing for the others), and no file is left out.
 
 A work unit is a set of block ranges of one file (`ranges`, sorted, disjoint) with at most
-`data.unit_samples` samples (`data.unit_bytes` for CSV). Every pass over the data (the
+`data.unit_samples` samples (`data.unit_bytes` for byte extents). Every pass over the data (the
 statistics pass, the training stream, the histogram export, the state cache) reads through
 `read_unit`, which refuses a file changed since the crawl.
 """
@@ -32,7 +32,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ebm_vae.data.extractors import Extractor, FilePlan, StateInfo
-from ebm_vae.data.readers import READERS, FileInfo, TableHandle
+from ebm_vae.data.readers import (
+    DEFAULT_OPTIONS,
+    READERS,
+    FileInfo,
+    Handle,
+    ReadOptions,
+    TableHandle,
+)
 from ebm_vae.data.readers.base import one_line
 
 if TYPE_CHECKING:
@@ -40,10 +47,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TABLE_FORMATS = ("csv", "parquet")
-BYTE_EXTENT_FORMATS = ("csv",)  # extents in bytes: a block's sample count is known only once read
 MIN_BLOCKS = 64  # blocks per file at least (fewer only for files of fewer samples)
 HULL_DENSITY = 0.5  # read a row-group table unit's hull (and drop the holes) above this fill
+
+
+def byte_extent(fmt: str) -> bool:
+    """Whether a format's extent is bytes (CSV, logs): a block's sample count is known only once read."""
+    return READERS[fmt].byte_extent
 
 
 class ChangedFile(Exception):
@@ -128,7 +138,8 @@ class WorkUnit:
 
 def entry_plan(extractor: Extractor, entry: ManifestEntry) -> FilePlan:
     """The extractor's plan for a manifest row, from the metadata the manifest keeps."""
-    n_rows = entry.variables[0].shape[0] if entry.format in TABLE_FORMATS and entry.variables else None
+    is_table = entry.format in READERS and READERS[entry.format].kind == "table"
+    n_rows = entry.variables[0].shape[0] if is_table and entry.variables else None
     info = FileInfo(format=entry.format, attrs={}, variables=list(entry.variables), n_rows=n_rows,
                     extent=entry.extent)
     return extractor.plan(info)
@@ -167,7 +178,7 @@ class Split:
         rows, exact = [], True
         for f in self.files:
             train, val = f.train_samples, f.val_samples
-            if f.format in BYTE_EXTENT_FORMATS and f.grid is not None and not f.grid.by_sample:
+            if byte_extent(f.format) and f.grid is not None and not f.grid.by_sample:
                 recorded = (block_counts or {}).get(f.path) or {}
                 counts = np.asarray(recorded.get("counts", []), dtype=np.int64)
                 if recorded.get("length") == f.grid.length and len(counts) == f.grid.n_blocks:
@@ -261,7 +272,7 @@ def plan_units(entries: Iterable[ManifestEntry], extractor: Extractor, state: St
     split = Split(val_fraction=val_fraction)
     for entry, plan, grid, held in files:
         kept = np.setdiff1d(np.arange(grid.n_blocks), held)
-        limit = unit_bytes if entry.format in BYTE_EXTENT_FORMATS else unit_samples
+        limit = unit_bytes if byte_extent(entry.format) else unit_samples
         per_unit = max(1, limit // grid.length) if not grid.by_sample else grid.n_blocks
         train = _units_of(entry, plan, grid, kept, per_unit)
         val = _units_of(entry, plan, grid, held, per_unit)
@@ -294,20 +305,32 @@ def check_unchanged(root: Path, unit: WorkUnit) -> Path:
 
 
 def read_unit(extractor: Extractor, root: Path, unit: WorkUnit, chunk: int,
-              files: OpenFiles | None = None) -> Iterator[np.ndarray]:
+              files: OpenFiles | None = None, skipped: Counter[str] | None = None) -> Iterator[np.ndarray]:
     """The states of one unit, chunk by chunk; raises for a missing, changed or unreadable file.
 
-    With `files`, the handle comes from (and stays in) that cache of open files."""
+    With `files`, the handle comes from (and stays in) that cache of open files. With
+    `skipped`, the rows the unit's reads skipped (log lines that do not parse, ragged CSV rows:
+    `Handle.skipped_rows`) are added to `skipped[unit.path]`, also when the read stops early."""
     path = check_unchanged(root, unit)
     if files is None:
-        with READERS[unit.format].open(path) as handle:
-            yield from read_ranges(extractor, handle, unit, chunk)
+        with extractor.open(path, unit.format) as handle:
+            yield from _counted(extractor, handle, unit, chunk, skipped)
         return
     try:
-        yield from read_ranges(extractor, files.open(path, unit.format), unit, chunk)
+        yield from _counted(extractor, files.open(path, unit.format, extractor.read_options), unit, chunk, skipped)
     except Exception:
         files.discard(path)
         raise
+
+
+def _counted(extractor: Extractor, handle: Handle, unit: WorkUnit, chunk: int,
+             skipped: Counter[str] | None) -> Iterator[np.ndarray]:
+    before = handle.skipped_rows
+    try:
+        yield from read_ranges(extractor, handle, unit, chunk)
+    finally:
+        if skipped is not None and handle.skipped_rows > before:
+            skipped[unit.path] += handle.skipped_rows - before
 
 
 def read_ranges(extractor: Extractor, handle: Any, unit: WorkUnit, chunk: int) -> Iterator[np.ndarray]:
@@ -365,12 +388,13 @@ class OpenFiles:
         self.size = size
         self.handles: OrderedDict[Path, Any] = OrderedDict()
 
-    def open(self, path: Path, fmt: str) -> Any:
+    def open(self, path: Path, fmt: str, options: ReadOptions = DEFAULT_OPTIONS) -> Any:
+        """The open handle of `path` (one pass reads every file with the same options)."""
         handle = self.handles.pop(path, None)
         if handle is None:
             if len(self.handles) >= self.size:
                 self.handles.popitem(last=False)[1].close()
-            handle = READERS[fmt].open(path)
+            handle = READERS[fmt].open(path, options)
         self.handles[path] = handle
         return handle
 
