@@ -138,6 +138,35 @@ def _fusion_coords(n: int, nz: int, n_time: int) -> dict[str, np.ndarray]:
     }
 
 
+def _well_file(path: Path, n_traj: int, coords: dict[str, np.ndarray], name: str) -> h5py.File:
+    """An open HDF5 file with the Well's root attributes and `dimensions/` group (x, y, z, time)."""
+    f = h5py.File(path, "w")
+    f.attrs.update({
+        "dataset_name": name, "grid_type": "cartesian", "n_spatial_dims": 3,
+        "n_trajectories": n_traj, "simulation_parameters": ["B0", "Ms", "Ma"],
+        "B0": GUIDE_FIELD_T, "Ms": 0.5, "Ma": 0.7,
+    })
+    dims = f.create_group("dimensions")
+    dims.attrs["spatial_dims"] = ["x", "y", "z"]
+    for axis, values in coords.items():
+        d = dims.create_dataset(axis, data=values)
+        d.attrs.update({"units": "s" if axis == "time" else "m",
+                        "sample_varying": False, "time_varying": axis == "time"})
+    return f
+
+
+def _well_fields(f: h5py.File, fields: dict[str, tuple[tuple[int, ...], str]], shape: tuple[int, ...]) -> None:
+    """Create the Well's t0/t1/t2 field groups: {"t1_fields/name": (component shape, units)},
+    datasets (traj, time, x, y, z, *components) chunked one snapshot per chunk."""
+    for name, (components, units) in fields.items():
+        d = f.create_dataset(name, (*shape, *components), "f4", chunks=(1, 1, *shape[2:], *components))
+        d.attrs.update({"units": units, "dim_varying": [True, True, True],
+                        "sample_varying": True, "time_varying": True})
+    for order in ("t0_fields", "t1_fields", "t2_fields"):
+        group = f.require_group(order)
+        group.attrs["field_names"] = [n.split("/")[1] for n in fields if n.startswith(order + "/")]
+
+
 def write_fusion_well(path, n_traj: int = 1, n_time: int = 4, n: int = 16, nz: int = 8,
                       seed: int = 0) -> Path:
     """An MHD run in the Well's layout: t1_fields/magnetic_field (traj, time, x, y, z, 3) in T.
@@ -150,28 +179,9 @@ def write_fusion_well(path, n_traj: int = 1, n_time: int = 4, n: int = 16, nz: i
     coords = _fusion_coords(n, nz, n_time)
     b_modes = _SolenoidalModes(rng, coords["x"], coords["y"], coords["z"])
     v_modes = _SolenoidalModes(rng, coords["x"], coords["y"], coords["z"], amplitude=2e4)
-    with h5py.File(path, "w") as f:
-        f.attrs.update({
-            "dataset_name": f"MHD_{n}", "grid_type": "cartesian", "n_spatial_dims": 3,
-            "n_trajectories": n_traj, "simulation_parameters": ["B0", "Ms", "Ma"],
-            "B0": GUIDE_FIELD_T, "Ms": 0.5, "Ma": 0.7,
-        })
-        dims = f.create_group("dimensions")
-        dims.attrs["spatial_dims"] = ["x", "y", "z"]
-        for name, values in coords.items():
-            d = dims.create_dataset(name, data=values)
-            d.attrs.update({"units": "s" if name == "time" else "m",
-                            "sample_varying": False, "time_varying": name == "time"})
-        fields = {"t0_fields/density": ((), "m^-3"), "t1_fields/magnetic_field": ((3,), "T"),
-                  "t1_fields/velocity": ((3,), "m/s")}
-        for name, (components, units) in fields.items():
-            d = f.create_dataset(name, (n_traj, n_time, n, n, nz, *components), "f4",
-                                 chunks=(1, 1, n, n, nz, *components))
-            d.attrs.update({"units": units, "dim_varying": [True, True, True],
-                            "sample_varying": True, "time_varying": True})
-        f["t0_fields"].attrs["field_names"] = ["density"]
-        f["t1_fields"].attrs["field_names"] = ["magnetic_field", "velocity"]
-        f.create_group("t2_fields").attrs["field_names"] = []
+    with _well_file(path, n_traj, coords, f"MHD_{n}") as f:
+        _well_fields(f, {"t0_fields/density": ((), "m^-3"), "t1_fields/magnetic_field": ((3,), "T"),
+                         "t1_fields/velocity": ((3,), "m/s")}, (n_traj, n_time, n, n, nz))
         for traj in range(n_traj):
             ab, bb = b_modes.amplitudes(rng, n_time)
             av, bv = v_modes.amplitudes(rng, n_time)
@@ -181,6 +191,21 @@ def write_fusion_well(path, n_traj: int = 1, n_time: int = 4, n: int = 16, nz: i
                 # Loosely pressure-balanced: the plasma is denser where the field is weaker.
                 density = 1e19 * (1.0 - 0.5 * b_modes.scalar(ab[t]) / GUIDE_FIELD_T)
                 f["t0_fields/density"][traj, t] = density.astype(np.float32)
+    return path
+
+
+def write_fusion_states(path, magnetic_field: np.ndarray, z: np.ndarray) -> Path:
+    """Given B fields in the Well's layout: t1_fields/magnetic_field = `magnetic_field`
+    (traj, time, x, y, z, 3) in T, z coordinates `z`; x, y span [-1, 1) periodically."""
+    path = _prepare(path)
+    n_traj, n_time, nx, ny, nz, _ = magnetic_field.shape
+    if len(z) != nz:
+        raise ValueError(f"{len(z)} z coordinates for {nz} planes")
+    coords = {"x": -1.0 + 2.0 * np.arange(nx) / nx, "y": -1.0 + 2.0 * np.arange(ny) / ny,
+              "z": np.asarray(z, dtype=np.float64), "time": 1e-3 * np.arange(n_time)}
+    with _well_file(path, n_traj, coords, f"MHD_{nx}x{ny}") as f:
+        _well_fields(f, {"t1_fields/magnetic_field": ((3,), "T")}, magnetic_field.shape[:5])
+        f["t1_fields/magnetic_field"][...] = magnetic_field.astype(np.float32)
     return path
 
 
@@ -268,40 +293,54 @@ def write_wafer_netcdf(path, n_time: int = 4, n: int = 16, layered: bool = False
     """
     if units not in ("K", "degC"):
         raise ValueError(f"units must be 'K' or 'degC', not {units!r}")
-    path = _prepare(path)
     rng = np.random.default_rng(seed)
     stacks = _heat_diffusion(rng, n_time, n, n_layers if layered else 1)
     if units == "degC":
         stacks -= np.float32(273.15)
-    pitch = 0.3 / n  # a 300 mm wafer
+    return write_wafer_states(path, stacks if layered else stacks[:, 0], units=units,
+                              file_format=file_format, attrs=attrs)
+
+
+def write_wafer_states(path, temperature: np.ndarray, units: str = "K", file_format: str = "NETCDF4",
+                       attrs: dict | None = None) -> Path:
+    """Given temperature maps as NetCDF: (time, y, x) -> surface_temperature(time, y, x);
+    (time, layer, y, x) -> temperature(time, layer, y, x), layer 0 the surface.
+
+    A 300 mm wafer: x, y in m at the pixel centres. The time dimension is unlimited; NetCDF-4
+    files are chunked one snapshot per chunk.
+    """
+    path = _prepare(path)
+    layered = temperature.ndim == 4
+    n_time, *_, ny, nx = temperature.shape
+    pitch = 0.3 / max(ny, nx)
     chunked = file_format.startswith("NETCDF4")
     with netCDF4.Dataset(path, "w", format=file_format) as ds:
         ds.setncatts({"title": "Wafer thermal map", "source": "2-D heat diffusion with heater spots",
                       "Conventions": "CF-1.8", **(attrs or {})})
         ds.createDimension("time", None)
         if layered:
-            ds.createDimension("layer", n_layers)
-        ds.createDimension("y", n)
-        ds.createDimension("x", n)
+            ds.createDimension("layer", temperature.shape[1])
+        ds.createDimension("y", ny)
+        ds.createDimension("x", nx)
         time = ds.createVariable("time", "f8", ("time",))
         time.units = f"seconds since {EPOCH}"
-        for axis in ("y", "x"):
+        for axis, size in (("y", ny), ("x", nx)):
             coord = ds.createVariable(axis, "f4", (axis,))
             coord.units = "m"
-            coord[:] = (np.arange(n) + 0.5) * pitch
+            coord[:] = (np.arange(size) + 0.5) * pitch
         if layered:
             layer = ds.createVariable("layer", "i4", ("layer",))
             layer.long_name = "layer index, 0 = surface"
-            layer[:] = np.arange(n_layers)
+            layer[:] = np.arange(temperature.shape[1])
             var = ds.createVariable("temperature", "f4", ("time", "layer", "y", "x"),
-                                    chunksizes=(1, n_layers, n, n) if chunked else None)
+                                    chunksizes=(1, *temperature.shape[1:]) if chunked else None)
         else:
             var = ds.createVariable("surface_temperature", "f4", ("time", "y", "x"),
-                                    chunksizes=(1, n, n) if chunked else None)
+                                    chunksizes=(1, ny, nx) if chunked else None)
         var.units = units
         var.long_name = "temperature" if layered else "wafer surface temperature"
         time[:] = np.arange(n_time, dtype=np.float64)
-        var[:] = stacks if layered else stacks[:, 0]
+        var[:] = temperature.astype(np.float32)
     return path
 
 
