@@ -21,6 +21,7 @@ from omegaconf import DictConfig, open_dict
 
 from ebm_vae.capsules import hydra_search_path, parse_capsule
 from ebm_vae.config import config_dir
+from ebm_vae.energy.mapfile import EnergyMap, EnergyMapError
 from ebm_vae.energy.methods import make_map
 from ebm_vae.energy.methods.common import MapRequest
 from ebm_vae.energy.plot import plot_map
@@ -34,11 +35,24 @@ def export(cfg: DictConfig) -> Path:
     ex = cfg.export
     out = Path(ex.out) if ex.out else Path(cfg.paths.energy_maps) / f"{capsule.name}.npz"
     energy_map = make_map(MapRequest(cfg, capsule))
+    _say_if_replacing(out)
     energy_map.save(out)
     log.info("wrote %s", out)
     if ex.plot:
-        log.info("wrote %s", plot_map(energy_map, out.with_suffix(".png")))
+        log.info("wrote %s", plot_map(energy_map, out.with_suffix(".png"), span=ex.plot_span))
     return out
+
+
+def _say_if_replacing(out: Path) -> None:
+    """A map already at `out` is replaced: say which one, so that a demo map is not lost unseen."""
+    if not out.exists():
+        return
+    try:
+        old = EnergyMap.load(out).metadata
+        what = f"{old.get('method', '?')} map of '{old.get('capsule', '?')}' created {old.get('created', '?')}"
+    except EnergyMapError:
+        what = "a file that is not a readable energy map"
+    log.warning("replacing %s (%s) and its PNG; pass export.out=PATH to keep it", out, what)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="export")

@@ -123,6 +123,44 @@ def test_histogram_export_counts_every_usable_file(trained, demo_index, tmp_path
     assert len(m.metadata["source_files"]) == 2 and m.metadata["skipped_files"] == []
 
 
+def test_auto_counts_where_counting_resolves_the_map(trained, demo_index, tmp_path):
+    """6,000 grid states on 8 x 8 bins: counted; on 128 x 128 bins they cannot fill the map."""
+    coarse = EnergyMap.load(export(export_cfg(trained, demo_index["index"], "grid", "export.method=auto", "export.resolution=8",
+                                              f"export.out={tmp_path}/coarse.npz")))
+    assert coarse.metadata["method"] == "histogram"
+    assert "counting resolves the map" in coarse.metadata["method_reason"]
+    np.testing.assert_array_equal(coarse.support, np.round(coarse.support))  # the counts per bin
+    fine = EnergyMap.load(export(export_cfg(trained, demo_index["index"], "grid", "export.method=auto",
+                                            "export.resolution=128", "export.k=1",
+                                            f"export.out={tmp_path}/fine.npz", "export.plot=false")))
+    assert fine.metadata["method"] == "vae-elbo"
+    assert "cannot resolve a 128 x 128 histogram" in fine.metadata["method_reason"]
+
+
+def test_auto_rule_on_count_grids():
+    from ebm_vae.energy.methods.auto import resolution
+
+    x = np.linspace(-4, 4, 40)
+    density = np.exp(-0.5 * (x[:, None] ** 2 + x[None, :] ** 2))
+    full = np.round(5000 * density)
+    empty, median, region = resolution(full)
+    assert empty == 0.0 and median > 100 and 0.3 < region / full.size < 0.8
+    holes = full.copy()
+    holes[18, 10:30:2] = 0  # holes inside the landscape belong to the region
+    assert resolution(holes)[0] == pytest.approx(10 / region)
+    edge = full.copy()
+    edge[:, 25:] = 0  # a sharp edge of the data: the empty space beyond it is not a hole
+    assert resolution(edge)[0] == 0.0
+
+
+def test_export_says_when_it_replaces_a_map(trained, demo_index, tmp_path, caplog):
+    out = tmp_path / "again.npz"
+    export(export_cfg(trained, demo_index["index"], "grid", f"export.out={out}", "export.plot=false"))
+    assert "replacing" not in caplog.text
+    export(export_cfg(trained, demo_index["index"], "grid", f"export.out={out}", "export.plot=false"))
+    assert f"replacing {out} (vae-iwae map of 'grid' created" in caplog.text
+
+
 def test_bad_requests_fail_naming_the_cause(trained, demo_index, tmp_path):
     index = demo_index["index"]
     grid_ckpt = trained / "checkpoints" / "grid" / "last.ckpt"

@@ -77,7 +77,8 @@ class StateGrid:
     @classmethod
     def build(cls, state: StateInfo, stats: GridStats, axes: Sequence[str] | None = None,
               limits: Sequence[Sequence[float]] | None = None, resolution: int = 128,
-              reference: Mapping[str, float] | None = None) -> StateGrid:
+              reference: Mapping[str, float] | None = None, counted: bool = False) -> StateGrid:
+        """`counted`: the map is a histogram (what limits beyond the data mean differs)."""
         axes = list(axes) if axes else default_axes(state, stats)
         if not 1 <= len(axes) <= 3:
             raise GridError(f"export.axes: a map has 1 to 3 axes, got {axes}")
@@ -98,7 +99,7 @@ class StateGrid:
         for d, name in enumerate(axes):
             lo, hi = limits[d] if limits is not None else default_lims[d]
             if limits is not None:
-                _check_limits(name, lo, hi, stats, None if all(on_pcs) else indices[d])
+                _check_limits(name, lo, hi, stats, None if all(on_pcs) else indices[d], counted)
             grid_axes.append(GridAxis(name, units[d], np.linspace(lo, hi, resolution), indices[d]))
         held = _reference(state, stats, axes, all(on_pcs), dict(reference or {}))
         return cls(state, stats, grid_axes, held)
@@ -137,6 +138,16 @@ class StateGrid:
             centred = np.asarray(states, dtype=np.float64) - self.stats.mean[None, :]
             return centred @ self.stats.pca_components[cols].T
         return np.asarray(states, dtype=np.float64)[:, cols]
+
+    def pc_frame(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(pc_vectors (n_axes, D), pc_origin (D,)) of a map on pc axes, physical units: the
+        axes' principal vectors and the state at coefficient 0 (the mean plus the held
+        coefficients), so that coordinates = (x - pc_origin) @ pc_vectors.T; None otherwise."""
+        if not self.on_pcs:
+            return None
+        cols = [a.index for a in self.axes]
+        origin = self.stats.mean + np.delete(self.reference, cols) @ np.delete(self.stats.pca_components, cols, axis=0)
+        return np.asarray(self.stats.pca_components[cols], dtype=np.float64), origin
 
     def reference_metadata(self) -> dict[str, float]:
         """The held values: off-grid components (vector states) or pc coefficients (pc axes).
@@ -208,7 +219,7 @@ def _parse_limits(limits, axes) -> list[tuple[float, float]]:
     return pairs
 
 
-def _check_limits(name, lo, hi, stats, component):
+def _check_limits(name, lo, hi, stats, component, counted):
     if not hi > lo:
         raise GridError(f"export.limits for {name}: [{lo}, {hi}] is empty (need lo < hi)")
     if component is None or stats.lo is None or stats.hi is None:
@@ -219,8 +230,10 @@ def _check_limits(name, lo, hi, stats, component):
                         f"(observed [{seen_lo}, {seen_hi}])")
     margin = RANGE_MARGIN * (seen_hi - seen_lo)
     if lo < seen_lo - margin or hi > seen_hi + margin:
-        log.warning("export.limits for %s: [%g, %g] extends beyond the data (observed [%g, %g]); "
-                    "energies there are extrapolations of the model", name, lo, hi, seen_lo, seen_hi)
+        log.warning("export.limits for %s: [%g, %g] extends beyond the data (observed [%g, %g]); %s",
+                    name, lo, hi, seen_lo, seen_hi,
+                    "the histogram's bins there are empty" if counted
+                    else "energies there are extrapolations of the model")
 
 
 def _reference(state, stats, axes, on_pcs, reference):

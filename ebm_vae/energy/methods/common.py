@@ -75,9 +75,16 @@ class MapRequest:
         stat = self.checkpoint_path.stat()
         return {"path": str(self.checkpoint_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
-    def grid(self, state: StateInfo, stats: GridStats) -> StateGrid:
+    def grid(self, state: StateInfo, stats: GridStats, counted: bool = False) -> StateGrid:
         ex = self.export
-        return StateGrid.build(state, stats, ex.axes, ex.limits, ex.resolution, to_container(ex.reference))
+        return StateGrid.build(state, stats, ex.axes, ex.limits, ex.resolution, to_container(ex.reference),
+                               counted=counted)
+
+
+def wants_slice(export: DictConfig, state: StateInfo, n_axes: int) -> bool:
+    """Whether the map is a slice through a state with more components than map axes (a
+    quantity no histogram can count); otherwise the map is the marginal of its axes."""
+    return state.dim > n_axes
 
 
 def vae_grid_stats(vae, index_stats) -> GridStats:
@@ -101,7 +108,8 @@ def map_metadata(capsule: CapsuleConfig, grid: StateGrid, *, method: str, k: int
     return {
         "capsule": capsule.name,
         "axes": [{"name": a.name, "unit": a.unit, "limits": [a.values[0], a.values[-1]],
-                  "points": len(a.values)} for a in grid.axes],
+                  "points": len(a.values), ("pc" if grid.on_pcs else "component"): a.index}
+                 for a in grid.axes],
         "method": method,
         "k": k,
         "reference_state": grid.reference_metadata(),
@@ -117,6 +125,12 @@ def map_metadata(capsule: CapsuleConfig, grid: StateGrid, *, method: str, k: int
         "ebm_vae_version": __version__,
         **extra,
     }
+
+
+def pc_arrays(grid: StateGrid) -> dict[str, np.ndarray]:
+    """`pc_vectors` and `pc_origin` for a map on pc axes (keywords of `EnergyMap`), else none."""
+    frame = grid.pc_frame()
+    return {} if frame is None else {"pc_vectors": frame[0], "pc_origin": frame[1]}
 
 
 def normalization(state: StateInfo, stats: GridStats, log_jacobian: float) -> dict[str, Any]:

@@ -9,16 +9,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from ebm_vae.energy.grid import GridStats
 from ebm_vae.energy.mapfile import EnergyMap
-from ebm_vae.energy.methods.common import MapRequest, map_metadata, normalization
+from ebm_vae.energy.methods.common import MapRequest, map_metadata, normalization, pc_arrays
 
 log = logging.getLogger(__name__)
 
 DEFINITION = (
     "E(x) = -log p(x) in nats, p the marginal density of the map axes in their physical units: "
     "count / (N_total * bin volume) in the bin centred on each grid point (edges halfway "
-    "between grid points); empty bins are +inf"
+    "between grid points); empty bins are +inf; support is the count of each bin"
 )
 
 
@@ -31,7 +33,7 @@ def histogram_map(request: MapRequest) -> EnergyMap:
     if cfg.data.root:
         manifest.root = Path(cfg.data.root)
     stats = request.require_index_stats()
-    grid = request.grid(stats.state_info, GridStats.from_stats(stats))
+    grid = request.grid(stats.state_info, GridStats.from_stats(stats), counted=True)
     result = histogram_energy(grid, capsule, manifest, cfg.data.chunk_bytes, progress=ex.progress)
     if not result.files:
         raise ValueError(f"capsule '{capsule.name}': no usable file could be counted "
@@ -45,4 +47,6 @@ def histogram_map(request: MapRequest) -> EnergyMap:
         normalization=normalization(stats.state_info, grid.stats, stats.log_jacobian),
         extra={"histogram": report, "skipped_files": result.skipped},
     )
-    return EnergyMap(result.counts.energy(), [a.values for a in grid.axes], metadata)
+    counts = result.counts.counts.reshape(grid.shape).astype(np.float32)
+    return EnergyMap(result.counts.energy(), [a.values for a in grid.axes], metadata, support=counts,
+                     **pc_arrays(grid))

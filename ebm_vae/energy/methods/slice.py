@@ -8,7 +8,13 @@ many components as map axes the slice is the whole state, so it is also the marg
 from __future__ import annotations
 
 from ebm_vae.energy.mapfile import EnergyMap
-from ebm_vae.energy.methods.common import MapRequest, map_metadata, normalization, vae_grid_stats
+from ebm_vae.energy.methods.common import (
+    MapRequest,
+    map_metadata,
+    normalization,
+    pc_arrays,
+    vae_grid_stats,
+)
 
 DEFINITION = (
     "E(x) = -log p(x) in nats, p the VAE's density of the full state in its physical units "
@@ -36,4 +42,4 @@ def slice_map(request: MapRequest) -> EnergyMap:
         extra={"seed": int(ex.seed), "training_samples": meta.get("count"),
                "statistics_created": meta.get("created")},
     )
-    return EnergyMap(energy.reshape(grid.shape), [a.values for a in grid.axes], metadata)
+    return EnergyMap(energy.reshape(grid.shape), [a.values for a in grid.axes], metadata, **pc_arrays(grid))
