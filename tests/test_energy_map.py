@@ -218,6 +218,23 @@ def test_vector_grid_defaults_and_reference():
     assert grid.reference_metadata() == {"p": 12.5}
 
 
+def test_default_limits_from_quantiles_within_the_data_and_the_bounds(caplog):
+    levels = [0.001, 0.005, 0.01, 0.5, 0.99, 0.995, 0.999]
+    values = np.tile(np.array([[49.9, 50.2, 5.0]]), (7, 1))
+    values[-1] = [50.1, 2.9, 60.0]
+    values[0] = [49.9, -2.9, 5.0]
+    stats = GridStats(mean=np.array([50.0, 0.0, 10.0]), std=np.array([0.1, 1.0, 2.0]),
+                      lo=np.array([49.8, -3.0, 0.0]), hi=np.array([50.3, 3.0, 100.0]),
+                      quantiles={"levels": levels, "values": values})
+    grid = StateGrid.build(VECTOR, stats, axes=["f", "phase", "p"], resolution=5, bounds={"p": [0, 50]})
+    # f: [49.9, 50.1] +/- 10 % of 0.2; phase: [-2.9, 2.9] +/- 0.58, cut at the observed [-3, 3];
+    # p: [5, 60] +/- 5.5, cut at the observed minimum 0 and the bound 50
+    np.testing.assert_allclose([a.values[[0, -1]] for a in grid.axes],
+                               [[49.88, 50.12], [-3.0, 3.0], [0.0, 50.0]], atol=1e-9)
+    StateGrid.build(VECTOR, stats, axes=["p"], limits=[[-10.0, 40.0]], bounds={"p": [0, None]})
+    assert "crosses its physical bounds [0, None]" in caplog.text
+
+
 def test_grid_errors_name_the_key():
     with pytest.raises(GridError, match="export.axes.*unknown"):
         StateGrid.build(VECTOR, VECTOR_STATS, axes=["f", "nope"])

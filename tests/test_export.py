@@ -60,6 +60,11 @@ def test_vae_export_writes_the_contract(trained, demo_index):
     assert stats.min[0] - margin <= lo < stats.mean[0] < hi <= stats.max[0] + margin
     energy_map = EnergyMap.load(out)
     assert np.all(np.isfinite(energy_map.energy_map))
+    # the phase never leaves the observed range (no map of where no state can be)
+    assert stats.min[1] <= meta["axes"][1]["limits"][0] < meta["axes"][1]["limits"][1] <= stats.max[1]
+    assert [a["component"] for a in meta["axes"]] == [0, 1]
+    states = np.array([[stats.mean[0], 0.0]])
+    np.testing.assert_array_equal(energy_map.project(states), states)
 
 
 def test_export_is_reproducible_for_a_seed_and_k1_is_the_elbo(trained, demo_index, tmp_path):
@@ -82,7 +87,14 @@ def test_field_state_maps_onto_principal_components(trained, demo_index, tmp_pat
     assert set(m.metadata["normalization"]["channels"]) == {"Bx", "By", "Bz"}
     assert len(m.metadata["normalization"]["pca_std"]) == 4
     stats = Stats.load(demo_index["index"] / "fusion" / "stats.json")
-    np.testing.assert_allclose(m.axes[0][[0, -1]], [-4 * stats.pca["std"][0], 4 * stats.pca["std"][0]], rtol=1e-6)
+    q = stats.quantiles["pc_values"][[0, -1], 0]  # the 0.1 % and 99.9 % quantiles of pc1, +10 % each side
+    np.testing.assert_allclose(m.axes[0][[0, -1]], [q[0] - 0.1 * (q[1] - q[0]), q[1] + 0.1 * (q[1] - q[0])], rtol=1e-6)
+    assert m.pc_vectors.shape == (2, 768) and m.pc_origin.shape == (768,)  # 3 x 16 x 16
+    np.testing.assert_allclose(m.pc_vectors, stats.pca["components"][:2], atol=1e-6)
+    # the origin is the mean plus the held pc3 coefficient: placing it on the map gives (0, 0)
+    np.testing.assert_allclose(m.pc_origin, stats.mean + 0.5 * stats.pca["components"][2], atol=1e-5)
+    np.testing.assert_allclose(m.project(m.pc_origin[None] + 0.3 * stats.pca["components"][:1]), [[0.3, 0.0]],
+                               atol=1e-6)
 
 
 def test_one_axis_map_holds_the_other_component_at_the_mean(trained, demo_index, tmp_path):

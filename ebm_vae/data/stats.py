@@ -6,7 +6,9 @@ update, which is exact for any split of the data, so partial statistics of worke
 merge the same way (`merge_stats`). A sample with any NaN/Inf component is excluded (the
 stream drops it too, so the normalisation describes exactly what is trained on); NaN and Inf
 are counted per component. For field states a principal basis is kept: the top components of
-a bounded reservoir sample, in physical units centred at the mean.
+a bounded reservoir sample, in physical units centred at the mean. Robust quantiles (for the
+default limits of energy maps) come from a bounded reservoir too: of the components of vector
+states, of the principal coefficients of field states.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 
 STD_FLOOR_RELATIVE = 1e-6  # a std below this fraction of the component's scale is "constant"
 STD_FLOOR_ABSOLUTE = 1e-12
+QUANTILE_LEVELS = (0.001, 0.005, 0.01, 0.5, 0.99, 0.995, 0.999)
+VECTOR_RESERVOIR_STATES = 65536  # vector states kept for quantiles (at most ...
+VECTOR_RESERVOIR_BYTES = 64 * 2**20  # ... and this many bytes of them)
 
 
 @dataclass
@@ -110,6 +115,8 @@ class Stats:
     inf_count: np.ndarray
     floored: list[int] = field(default_factory=list)
     pca: dict[str, np.ndarray] | None = None  # {"components": (k, D), "std": (k,)}
+    # {"levels": (L,), "values": (L, D) vector states | "pc_values": (L, k) field states}
+    quantiles: dict[str, np.ndarray] | None = None
     files: list[dict[str, Any]] = field(default_factory=list)  # [{path, size, mtime_ns}]
     created: str = ""
 
@@ -146,18 +153,21 @@ class Stats:
         arrays = {k: getattr(self, k).tolist() for k in
                   ("mean", "std", "raw_std", "min", "max", "nan_count", "inf_count")}
         pca = None if self.pca is None else {k: np.asarray(v).tolist() for k, v in self.pca.items()}
+        quantiles = None if self.quantiles is None else {k: np.asarray(v).tolist() for k, v in self.quantiles.items()}
         return {"capsule": self.capsule, "state": self.state, "count": self.count, **arrays,
-                "floored": self.floored, "pca": pca, "files": self.files, "created": self.created,
-                "log_jacobian": self.log_jacobian}
+                "floored": self.floored, "pca": pca, "quantiles": quantiles, "files": self.files,
+                "created": self.created, "log_jacobian": self.log_jacobian}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Stats:
         floats = {k: np.asarray(d[k], dtype=np.float64) for k in ("mean", "std", "raw_std", "min", "max")}
         ints = {k: np.asarray(d[k], dtype=np.int64) for k in ("nan_count", "inf_count")}
         pca = None if d.get("pca") is None else {k: np.asarray(v, dtype=np.float64) for k, v in d["pca"].items()}
+        quantiles = None if d.get("quantiles") is None else \
+            {k: np.asarray(v, dtype=np.float64) for k, v in d["quantiles"].items()}
         return cls(capsule=d["capsule"], state=d["state"], count=int(d["count"]), **floats, **ints,
-                   floored=list(d.get("floored", [])), pca=pca, files=list(d.get("files", [])),
-                   created=d.get("created", ""))
+                   floored=list(d.get("floored", [])), pca=pca, quantiles=quantiles,
+                   files=list(d.get("files", [])), created=d.get("created", ""))
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_dict())
@@ -179,8 +189,10 @@ def merge_stats(a: Stats, b: Stats) -> Stats:
     pca = a.pca if a.count >= b.count else b.pca
     pca = pca if pca is not None else (b.pca if a.count >= b.count else a.pca)
     files = {f["path"]: f for f in a.files + b.files}
-    return Stats.from_moments(a.capsule, a.state, a.moments.merge(b.moments), pca=pca,
-                              files=sorted(files.values(), key=lambda f: f["path"]))
+    merged = Stats.from_moments(a.capsule, a.state, a.moments.merge(b.moments), pca=pca,
+                                files=sorted(files.values(), key=lambda f: f["path"]))
+    merged.quantiles = (a if a.count >= b.count else b).quantiles  # like the basis: the larger part's
+    return merged
 
 
 class Reservoir:
@@ -243,6 +255,21 @@ def principal_basis(sample: np.ndarray, mean: np.ndarray, k: int, seed: int = 0,
     return {"components": vt[:k], "std": s[:k] / np.sqrt(n)}
 
 
+def reservoir_quantiles(sample: np.ndarray, mean: np.ndarray, pca: dict[str, np.ndarray] | None,
+                        block_rows: int = 256) -> dict[str, np.ndarray] | None:
+    """Quantiles at QUANTILE_LEVELS of a reservoir sample: per component, or per principal
+    coefficient when a basis is given (field states; computed block by block)."""
+    if len(sample) == 0:
+        return None
+    levels = np.asarray(QUANTILE_LEVELS)
+    if pca is None:
+        return {"levels": levels, "values": np.quantile(sample.astype(np.float64), levels, axis=0)}
+    components = np.asarray(pca["components"], dtype=np.float64)
+    coefficients = np.concatenate([(sample[i:i + block_rows].astype(np.float64) - mean) @ components.T
+                                   for i in range(0, len(sample), block_rows)])
+    return {"levels": levels, "pc_values": np.quantile(coefficients, levels, axis=0)}
+
+
 def _progress(enabled: bool) -> Progress:
     return Progress(TextColumn("[bold]stats {task.description}"), BarColumn(),
                     TextColumn("{task.completed:,}/{task.total:,} samples"), TimeRemainingColumn(),
@@ -264,7 +291,10 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
     plans = [entry_plan(extractor, e) for e in entries]
     state = Counter(p.state for p in plans).most_common(1)[0][0]
     chunk = chunk_samples(state, cfg.data.chunk_bytes)
-    reservoir = Reservoir(cfg.crawl.stats_reservoir, state.dim, seed=0) if state.kind == "field" else None
+    if state.kind == "field":
+        reservoir = Reservoir(cfg.crawl.stats_reservoir, state.dim, seed=0)
+    else:
+        reservoir = Reservoir(min(VECTOR_RESERVOIR_STATES, VECTOR_RESERVOIR_BYTES // (4 * state.dim)), state.dim, seed=0)
     total, files, skipped = Moments.empty(state.dim), [], []
     root = Path(manifest.root)
     with _progress(cfg.crawl.progress) as progress:
@@ -280,8 +310,7 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
             try:
                 for states in read_unit(extractor, root, unit, chunk):
                     part = part.merge(Moments.of(states))
-                    if reservoir is not None:
-                        reservoir.add(states[np.isfinite(states).all(axis=1)])
+                    reservoir.add(states[np.isfinite(states).all(axis=1)])
                     progress.advance(task, len(states))
             except Exception as exc:  # a bad file never stops the pass; its partial moments are dropped
                 log.warning("skipping %s: %s", entry.path, one_line(exc))
@@ -294,8 +323,10 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
                     capsule.name, len(skipped), len(entries), len(files))
     if total.count == 0:
         raise ValueError(f"capsule '{capsule.name}': no finite samples in {len(entries)} usable files")
-    pca = principal_basis(reservoir.sample, total.mean, cfg.crawl.n_components) if reservoir else None
+    pca = principal_basis(reservoir.sample, total.mean, cfg.crawl.n_components) if state.kind == "field" else None
     stats = Stats.from_moments(capsule.name, state, total, pca=pca, files=files)
+    if state.kind != "field" or pca is not None:  # fields: of the principal coefficients only
+        stats.quantiles = reservoir_quantiles(reservoir.sample, total.mean, pca)
     stats.save(Path(index_dir) / capsule.name / "stats.json")
     return stats
 

@@ -75,10 +75,13 @@ class MapRequest:
         stat = self.checkpoint_path.stat()
         return {"path": str(self.checkpoint_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
-    def grid(self, state: StateInfo, stats: GridStats, counted: bool = False) -> StateGrid:
+    def grid(self, state: StateInfo, stats: GridStats, counted: bool = False,
+             bounds: dict[str, list] | None = None) -> StateGrid:
+        """The map's grid; `bounds` default to the capsule's (a checkpoint passes its own)."""
         ex = self.export
+        bounds = to_container(self.capsule.bounds) if bounds is None else bounds
         return StateGrid.build(state, stats, ex.axes, ex.limits, ex.resolution, to_container(ex.reference),
-                               counted=counted)
+                               counted=counted, bounds=bounds)
 
 
 def wants_slice(export: DictConfig, state: StateInfo, n_axes: int) -> bool:
@@ -96,10 +99,14 @@ def vae_grid_stats(vae, index_stats) -> GridStats:
 
     has_pca = vae.pca_components.shape[0] > 0
     same_state = index_stats is not None and index_stats.state == vae.hparams.state
+    components = array(vae.pca_components) if has_pca else None
+    # quantiles of principal coefficients hold for the basis they were taken in
+    same_basis = same_state and (not has_pca or (index_stats.pca is not None and np.allclose(
+        np.asarray(index_stats.pca["components"]), components, atol=1e-5)))
     return GridStats(mean=array(vae.norm_mean), std=array(vae.norm_std),
                      lo=index_stats.min if same_state else None, hi=index_stats.max if same_state else None,
-                     pca_components=array(vae.pca_components) if has_pca else None,
-                     pca_std=array(vae.pca_std) if has_pca else None)
+                     pca_components=components, pca_std=array(vae.pca_std) if has_pca else None,
+                     quantiles=index_stats.quantiles if same_basis else None)
 
 
 def map_metadata(capsule: CapsuleConfig, grid: StateGrid, *, method: str, k: int | None,

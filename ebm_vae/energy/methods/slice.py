@@ -29,7 +29,8 @@ def slice_map(request: MapRequest) -> EnergyMap:
     from ebm_vae.energy.evaluate import evaluate_energy
 
     ex, vae = request.export, request.vae
-    grid = request.grid(vae.state_info, vae_grid_stats(vae, request.index_stats))
+    grid = request.grid(vae.state_info, vae_grid_stats(vae, request.index_stats),
+                        bounds=vae.hparams.capsule.get("bounds") or {})
     energy = evaluate_energy(vae, grid.states, grid.n_points, k=ex.k, seed=ex.seed, device=ex.device,
                              chunk_points=ex.chunk_points, progress=ex.progress,
                              description=f"export {request.capsule.name}")
