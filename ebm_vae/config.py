@@ -63,8 +63,11 @@ class CrawlConfig:
     file_timeout_s: float = 60.0  # a file whose reader takes longer gets an error row (a hung library)
     stats: bool = True  # run the statistics pass for capsules with new or changed files
     progress: bool = True
-    stats_reservoir: int = 4096  # samples kept for the principal basis of field states
-    n_components: int = 16  # principal components stored for field states
+    stats_reservoir: int = 4096  # samples kept for the principal basis of larger field states
+    # field states of up to this many components get the exact covariance (D^2 float64 in memory;
+    # 2048: 32 MB), larger ones the SVD of the reservoir
+    exact_covariance_max_dim: int = 2048
+    n_components: int = 64  # principal components stored for field states: the cap on the field rank
 
 
 @dataclass
