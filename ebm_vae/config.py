@@ -72,7 +72,7 @@ class CrawlConfig:
 
 @dataclass
 class ExportConfig:
-    method: str = "vae"  # vae | histogram
+    method: str = "vae"  # vae | histogram | auto (the histogram where counting resolves the map)
     k: int = 64  # importance samples; 1 = negative ELBO (see ebm_vae/export.py for the default)
     resolution: int = 128  # grid points per axis
     axes: list[str] | None = None  # state components or pc1, pc2, ...; default: first two / pc1, pc2
@@ -85,6 +85,7 @@ class ExportConfig:
     device: str = "auto"  # auto | cpu | cuda
     chunk_points: int | None = None  # grid points per evaluation chunk; None = sized to memory
     plot: bool = True  # a PNG next to the .npz
+    plot_span: float = 12.0  # nats above the map's minimum that the PNG's colour scale spans
     progress: bool = True
 
 

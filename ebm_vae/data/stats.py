@@ -7,7 +7,9 @@ merge the same way (`merge_stats`). A sample with any NaN/Inf component is exclu
 stream drops it too, so the normalisation describes exactly what is trained on); NaN and Inf
 are counted per component. For field states a principal basis is kept (`ebm_vae.data.principal`):
 the spectrum of the exact covariance for moderate sizes, of a bounded reservoir sample above
-them, in physical units centred at the mean, with the rank the field density uses.
+them, in physical units centred at the mean, with the rank the field density uses. Robust
+quantiles (for the default limits of energy maps) come from a bounded reservoir of states: of
+the components of vector states, of the principal coefficients of field states.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from ebm_vae.config import CapsuleConfig
 from ebm_vae.data.extractors import EXTRACTORS, StateInfo
 from ebm_vae.data.principal import (
-    Reservoir,  # noqa: F401  (re-exported: the statistics' public names)
+    Reservoir,
     choose_rank,
     noise_floor,
     principal_accumulator,
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 
 STD_FLOOR_RELATIVE = 1e-6  # a std below this fraction of the component's scale is "constant"
 STD_FLOOR_ABSOLUTE = 1e-12
+QUANTILE_LEVELS = (0.001, 0.005, 0.01, 0.5, 0.99, 0.995, 0.999)
+QUANTILE_RESERVOIR_STATES = 65536  # states kept for the quantiles (at most ...
+QUANTILE_RESERVOIR_BYTES = 64 * 2**20  # ... and this many bytes of them)
 
 
 @dataclass
@@ -120,6 +125,8 @@ class Stats:
     # fields: {"components": (k, D), "std": (k,), "eigenvalues", "total_variance", "samples",
     # "rank", "noise_variance", "noise_floor"} (see ebm_vae.data.principal.principal_summary)
     pca: dict[str, np.ndarray] | None = None
+    # {"levels": (L,), "values": (L, D) vector states | "pc_values": (L, k) field states}
+    quantiles: dict[str, np.ndarray] | None = None
     files: list[dict[str, Any]] = field(default_factory=list)  # [{path, size, mtime_ns}]
     created: str = ""
 
@@ -171,18 +178,21 @@ class Stats:
         arrays = {k: getattr(self, k).tolist() for k in
                   ("mean", "std", "raw_std", "min", "max", "nan_count", "inf_count")}
         pca = None if self.pca is None else {k: np.asarray(v).tolist() for k, v in self.pca.items()}
+        quantiles = None if self.quantiles is None else {k: np.asarray(v).tolist() for k, v in self.quantiles.items()}
         return {"capsule": self.capsule, "state": self.state, "count": self.count, **arrays,
-                "floored": self.floored, "pca": pca, "files": self.files, "created": self.created,
-                "log_jacobian": self.log_jacobian}
+                "floored": self.floored, "pca": pca, "quantiles": quantiles, "files": self.files,
+                "created": self.created, "log_jacobian": self.log_jacobian}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Stats:
         floats = {k: np.asarray(d[k], dtype=np.float64) for k in ("mean", "std", "raw_std", "min", "max")}
         ints = {k: np.asarray(d[k], dtype=np.int64) for k in ("nan_count", "inf_count")}
         pca = None if d.get("pca") is None else {k: np.asarray(v, dtype=np.float64) for k, v in d["pca"].items()}
+        quantiles = None if d.get("quantiles") is None else \
+            {k: np.asarray(v, dtype=np.float64) for k, v in d["quantiles"].items()}
         return cls(capsule=d["capsule"], state=d["state"], count=int(d["count"]), **floats, **ints,
-                   floored=list(d.get("floored", [])), pca=pca, files=list(d.get("files", [])),
-                   created=d.get("created", ""))
+                   floored=list(d.get("floored", [])), pca=pca, quantiles=quantiles,
+                   files=list(d.get("files", [])), created=d.get("created", ""))
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_dict())
@@ -204,8 +214,30 @@ def merge_stats(a: Stats, b: Stats) -> Stats:
     pca = a.pca if a.count >= b.count else b.pca
     pca = pca if pca is not None else (b.pca if a.count >= b.count else a.pca)
     files = {f["path"]: f for f in a.files + b.files}
-    return Stats.from_moments(a.capsule, a.state, a.moments.merge(b.moments), pca=pca,
-                              files=sorted(files.values(), key=lambda f: f["path"]))
+    merged = Stats.from_moments(a.capsule, a.state, a.moments.merge(b.moments), pca=pca,
+                                files=sorted(files.values(), key=lambda f: f["path"]))
+    merged.quantiles = (a if a.count >= b.count else b).quantiles  # like the basis: the larger part's
+    return merged
+
+
+def quantile_reservoir(dim: int, seed: int) -> Reservoir:
+    """The bounded reservoir of states that the quantiles are taken from."""
+    return Reservoir(max(1, min(QUANTILE_RESERVOIR_STATES, QUANTILE_RESERVOIR_BYTES // (4 * dim))), dim, seed=seed)
+
+
+def reservoir_quantiles(sample: np.ndarray, mean: np.ndarray, pca: dict[str, np.ndarray] | None,
+                        block_rows: int = 256) -> dict[str, np.ndarray] | None:
+    """Quantiles at QUANTILE_LEVELS of a reservoir sample: per component, or per principal
+    coefficient when a basis is given (field states; computed block by block)."""
+    if len(sample) == 0:
+        return None
+    levels = np.asarray(QUANTILE_LEVELS)
+    if pca is None:
+        return {"levels": levels, "values": np.quantile(sample.astype(np.float64), levels, axis=0)}
+    components = np.asarray(pca["components"], dtype=np.float64)
+    coefficients = np.concatenate([(sample[i:i + block_rows].astype(np.float64) - mean) @ components.T
+                                   for i in range(0, len(sample), block_rows)])
+    return {"levels": levels, "pc_values": np.quantile(coefficients, levels, axis=0)}
 
 
 def _progress(enabled: bool) -> Progress:
@@ -238,6 +270,7 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
                                      cfg.crawl.stats_reservoir, seed=seed)
 
     principal = principal_part(seed=0)
+    quantiles = quantile_reservoir(state.dim, seed=0)
     total, files, skipped = Moments.empty(state.dim), [], []
     root = Path(manifest.root)
     with _progress(cfg.crawl.progress) as progress:
@@ -250,11 +283,13 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
                 continue
             unit = WorkUnit.whole(entry, plan)
             part, part_principal = Moments.empty(state.dim), principal_part(seed=index + 1)
+            part_quantiles = quantile_reservoir(state.dim, seed=index + 1)
             try:
                 for states in read_unit(extractor, root, unit, chunk):
                     part = part.merge(Moments.of(states))
                     if part_principal is not None:
                         part_principal.add(states)
+                    part_quantiles.add(states)
                     progress.advance(task, len(states))
             except Exception as exc:  # a bad file never stops the pass; its partial moments are dropped
                 log.warning("skipping %s: %s", entry.path, one_line(exc))
@@ -263,6 +298,7 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
             total = total.merge(part)
             if principal is not None:
                 principal = principal.merge(part_principal)
+            quantiles.merge(part_quantiles)
             files.append({"path": entry.path, "size": entry.size, "mtime_ns": entry.mtime_ns})
     if skipped:
         log.warning("statistics of %s: %d of %d usable files skipped (reasons above), %d counted",
@@ -272,6 +308,8 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
     pca = None if principal is None else principal_summary(
         principal, total.mean, np.square(total.raw_std), cfg.crawl.n_components)
     stats = Stats.from_moments(capsule.name, state, total, pca=pca, files=files)
+    if state.kind != "field" or pca is not None:  # fields: of the principal coefficients only
+        stats.quantiles = reservoir_quantiles(quantiles.sample, total.mean, pca)
     stats.save(Path(index_dir) / capsule.name / "stats.json")
     return stats
 
