@@ -198,8 +198,10 @@ class VAE(L.LightningModule):
         warmup = self.hparams.kl_warmup_steps
         return 1.0 if warmup <= 0 else min(1.0, (self.global_step + 1) / warmup)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         x, exact = self._normalised(self._states(batch))
+        if x.shape[0] == 0:  # every state at or beyond a physical bound: nothing to learn from
+            return None
         terms = self.elbo_terms(x)
         beta = self.kl_weight()
         loss = -(terms.recon - beta * terms.kl + exact).mean()
@@ -209,12 +211,19 @@ class VAE(L.LightningModule):
         return loss
 
     def _normalised(self, x_phys: Tensor) -> tuple[Tensor, Tensor]:
-        """(u, exact terms in normalised units): log_det + log_jacobian (0 for z-scoring)."""
+        """(u, exact terms in normalised units): log_det + log_jacobian (0 for z-scoring), of the
+        states inside the transform's support (bounded states at or beyond a bound have
+        log_det = -inf: a point mass or impossible values, left out of the density's fit)."""
         u, log_det = self.transform(x_phys.reshape(x_phys.shape[0], -1).float())
+        inside = torch.isfinite(log_det)
+        if not inside.all():
+            u, log_det = u[inside], log_det[inside]
         return u, (log_det + self.log_jacobian).float()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, exact = self._normalised(self._states(batch))
+        if x.shape[0] == 0:
+            return
         generator = torch.Generator(device=x.device).manual_seed(batch_idx)
         encoded = self.encode(x)
         terms = elbo_terms(x, encoded, self.decode, generator)
