@@ -88,8 +88,11 @@ class _SolenoidalModes:
     """A guide field B0 z-hat plus a few Fourier modes with OU amplitudes, divergence-free.
 
     Mode m is e1_m (a cos(k.r) ) + e2_m (b sin(k.r)) with e1, e2 perpendicular to k, so its
-    divergence k.e vanishes analytically; a and b wander in time as OU processes. The same
-    construction without the guide field gives the velocity, and a scalar version the density.
+    divergence k.e vanishes analytically; a and b wander in time as OU processes around the
+    mean amplitudes of the plasma's current regime (quiet, or the largest mode locked at
+    either sign), which switches at random: the states' density has a basin per regime. The
+    same construction without the guide field gives the velocity, and a scalar version the
+    density. The modes are the device's (`rng` from `_device_rng`): the same in every file.
     """
 
     def __init__(self, rng: np.random.Generator, x: np.ndarray, y: np.ndarray, z: np.ndarray,
@@ -108,6 +111,11 @@ class _SolenoidalModes:
         self.e1, self.e2 = e1, e2
         # Larger scales carry more energy: amplitude ~ 1/|integer wavevector|.
         self.sigma = amplitude / np.linalg.norm(ints, axis=1)
+        # regimes x (cos, sin) x modes: mean amplitudes in units of sigma
+        largest = np.argsort(-self.sigma, kind="stable")
+        self.regimes = np.zeros((3, 2, n_modes))
+        self.regimes[1:, 0, largest[0]] = (3.0, -3.0)
+        self.regimes[1:, 1, largest[1]] = 2.0
         xx, yy, zz = np.meshgrid(x, y, z, indexing="ij")
         phase = np.einsum("mc,cxyz->mxyz", k, np.stack([xx, yy, zz]))
         self.cos, self.sin = np.cos(phase), np.sin(phase)
@@ -122,11 +130,23 @@ class _SolenoidalModes:
     def scalar(self, a: np.ndarray) -> np.ndarray:
         return np.einsum("m,mxyz->xyz", a, self.cos)
 
-    def amplitudes(self, rng: np.random.Generator, n_time: int, tau: float = 5.0) -> tuple:
-        """Per-snapshot cos and sin amplitudes, each (n_time, n_modes), smooth in time."""
-        a = _ou_paths(rng, n_time, len(self.sigma), tau, 1.0) * self.sigma
-        b = _ou_paths(rng, n_time, len(self.sigma), tau, 1.0) * self.sigma
+    def amplitudes(self, rng: np.random.Generator, n_time: int, tau: float = 2.0,
+                   dwell: float = 25.0) -> tuple:
+        """Per-snapshot cos and sin amplitudes, each (n_time, n_modes): OU paths (correlation
+        time `tau` snapshots) around the current regime's means; the regime changes with
+        probability 1 / `dwell` per snapshot."""
+        switches = rng.random(n_time) < 1.0 / dwell
+        steps = np.where(switches, rng.integers(1, len(self.regimes), n_time), 0)
+        regime = (rng.integers(len(self.regimes)) + np.cumsum(steps)) % len(self.regimes)
+        a = (_ou_paths(rng, n_time, len(self.sigma), tau, 1.0) + self.regimes[regime, 0]) * self.sigma
+        b = (_ou_paths(rng, n_time, len(self.sigma), tau, 1.0) + self.regimes[regime, 1]) * self.sigma
         return a, b
+
+
+def _device_rng(name: str) -> np.random.Generator:
+    """The fixed geometry of the demo's devices (a tokamak's modes, a chuck's heaters): the same
+    in every file, whatever the file's seed and resolution, so that files pool into one density."""
+    return np.random.default_rng(zlib.crc32(name.encode()))
 
 
 def _fusion_coords(n: int, nz: int, n_time: int) -> dict[str, np.ndarray]:
@@ -177,8 +197,8 @@ def write_fusion_well(path, n_traj: int = 1, n_time: int = 4, n: int = 16, nz: i
     path = _prepare(path)
     rng = np.random.default_rng(seed)
     coords = _fusion_coords(n, nz, n_time)
-    b_modes = _SolenoidalModes(rng, coords["x"], coords["y"], coords["z"])
-    v_modes = _SolenoidalModes(rng, coords["x"], coords["y"], coords["z"], amplitude=2e4)
+    b_modes = _SolenoidalModes(_device_rng("tokamak B"), coords["x"], coords["y"], coords["z"])
+    v_modes = _SolenoidalModes(_device_rng("tokamak v"), coords["x"], coords["y"], coords["z"], amplitude=2e4)
     with _well_file(path, n_traj, coords, f"MHD_{n}") as f:
         _well_fields(f, {"t0_fields/density": ((), "m^-3"), "t1_fields/magnetic_field": ((3,), "T"),
                          "t1_fields/velocity": ((3,), "m/s")}, (n_traj, n_time, n, n, nz))
@@ -218,7 +238,7 @@ def write_fusion_plain(path, n_time: int = 4, n: int = 16, nz: int = 8, seed: in
     path = _prepare(path)
     rng = np.random.default_rng(seed)
     coords = _fusion_coords(n, nz, n_time)
-    modes = _SolenoidalModes(rng, coords["x"], coords["y"], coords["z"])
+    modes = _SolenoidalModes(_device_rng("tokamak B"), coords["x"], coords["y"], coords["z"])
     a, b = modes.amplitudes(rng, n_time)
     with h5py.File(path, "w") as f:
         f.attrs["description"] = "MHD simulation output: magnetic field B(x, y, z) per snapshot"
@@ -239,16 +259,18 @@ def _heat_diffusion(rng: np.random.Generator, n_time: int, n: int, n_layers: int
                     steps_per_snapshot: int = 20) -> np.ndarray:
     """(n_time, n_layers, n, n) temperature stacks in K from explicit heat diffusion.
 
-    Heater spots sit in the deepest layer; each one's power is redrawn (often to zero) at
-    random between snapshots. Heat spreads in-plane and between neighbouring layers and
-    leaves through the surface (layer 0) to the ambient; in-plane edges are insulated.
-    The explicit (FTCS) coefficients sum below 1, which keeps the scheme stable.
+    Heater spots sit in the deepest layer, where the chuck has them (`_device_rng`: the same
+    in every file); each one's power is redrawn (often to zero) at random between snapshots
+    (`rng`). Heat spreads in-plane and between neighbouring layers and leaves through the
+    surface (layer 0) to the ambient; in-plane edges are insulated. The explicit (FTCS)
+    coefficients sum below 1, which keeps the scheme stable.
     """
     r, vertical, cooling = 0.15, 0.15, 0.05
-    n_spots = int(rng.integers(3, 7))
-    centres = rng.uniform(0.1 * n, 0.9 * n, (n_spots, 2))
-    widths = rng.uniform(0.03 * n, 0.08 * n, n_spots) + 1.0
-    full_power = rng.uniform(60.0, 100.0, n_spots)  # K above ambient, wide-spot steady state
+    chuck = _device_rng("wafer chuck")
+    n_spots = int(chuck.integers(3, 7))
+    centres = chuck.uniform(0.1 * n, 0.9 * n, (n_spots, 2))
+    widths = chuck.uniform(0.03 * n, 0.08 * n, n_spots) + 1.0
+    full_power = chuck.uniform(60.0, 100.0, n_spots)  # K above ambient, wide-spot steady state
     yy, xx = np.mgrid[0:n, 0:n]
     shapes = np.exp(-((yy[None] - centres[:, 0, None, None]) ** 2
                       + (xx[None] - centres[:, 1, None, None]) ** 2) / (2 * widths[:, None, None] ** 2))
@@ -258,35 +280,51 @@ def _heat_diffusion(rng: np.random.Generator, n_time: int, n: int, n_layers: int
 
     power = draw_power(n_spots)
     temp = np.full((n_layers, n, n), AMBIENT_K)
+    flow = np.empty_like(temp)
 
-    def step() -> None:
-        padded = np.pad(temp, ((0, 0), (1, 1), (1, 1)), mode="edge")
-        flow = r * (padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2]
-                    + padded[:, 1:-1, 2:] - 4.0 * temp)
+    def step(source: np.ndarray) -> None:
+        # in-plane Laplacian with insulated edges (a missing neighbour counts as the pixel itself)
+        np.multiply(temp, -4.0, out=flow)
+        flow[:, 1:] += temp[:, :-1]
+        flow[:, :1] += temp[:, :1]
+        flow[:, :-1] += temp[:, 1:]
+        flow[:, -1:] += temp[:, -1:]
+        flow[:, :, 1:] += temp[:, :, :-1]
+        flow[:, :, :1] += temp[:, :, :1]
+        flow[:, :, :-1] += temp[:, :, 1:]
+        flow[:, :, -1:] += temp[:, :, -1:]
+        flow[...] *= r
         flow[1:] += vertical * (temp[:-1] - temp[1:])
         flow[:-1] += vertical * (temp[1:] - temp[:-1])
         flow[0] -= cooling * (temp[0] - AMBIENT_K)
-        flow[-1] += cooling * np.einsum("s,syx->yx", full_power * power, shapes)
-        temp[:] += flow
+        flow[-1] += source
+        temp[...] += flow
 
+    def heating() -> np.ndarray:
+        return cooling * np.einsum("s,syx->yx", full_power * power, shapes)
+
+    source = heating()
     for _ in range(10 * steps_per_snapshot):  # spin-up from ambient
-        step()
+        step(source)
     out = np.empty((n_time, n_layers, n, n), dtype=np.float32)
     for t in range(n_time):
         redraw = rng.random(n_spots) < 0.3
         power[redraw] = draw_power(int(redraw.sum()))
+        source = heating()
         for _ in range(steps_per_snapshot):
-            step()
+            step(source)
         out[t] = temp
     return out
 
 
 def write_wafer_netcdf(path, n_time: int = 4, n: int = 16, layered: bool = False,
                        units: str = "K", seed: int = 0, n_layers: int = 3,
-                       file_format: str = "NETCDF4", attrs: dict | None = None) -> Path:
+                       file_format: str = "NETCDF4", attrs: dict | None = None,
+                       noise: float = 0.05) -> Path:
     """A wafer thermal map series: surface_temperature(time, y, x), or temperature(time, layer, y, x).
 
-    Layer 0 is the surface. `units` is "K" or "degC" (the values follow: ~300-400 K).
+    Layer 0 is the surface, seen by a thermal camera with `noise` K of white noise per pixel.
+    `units` is "K" or "degC" (the values follow: ~300-400 K).
     The time dimension is unlimited; NetCDF-4 files are chunked one snapshot per chunk.
     `file_format` is any netCDF4 format, e.g. "NETCDF3_CLASSIC" for an old instrument's files;
     `attrs` are extra global attributes (e.g. {"capsule": "wafer"}).
@@ -295,6 +333,7 @@ def write_wafer_netcdf(path, n_time: int = 4, n: int = 16, layered: bool = False
         raise ValueError(f"units must be 'K' or 'degC', not {units!r}")
     rng = np.random.default_rng(seed)
     stacks = _heat_diffusion(rng, n_time, n, n_layers if layered else 1)
+    stacks[:, 0] += rng.normal(0.0, noise, stacks[:, 0].shape).astype(np.float32)
     if units == "degC":
         stacks -= np.float32(273.15)
     return write_wafer_states(path, stacks if layered else stacks[:, 0], units=units,
@@ -560,43 +599,55 @@ class _Tree:
         }
 
 
-def make_demo_tree(root, scale: float = 1.0, seed: int = 0, *, n: int = 64) -> dict:
+FUSION_N, FUSION_NZ = 16, 4  # the demo's B field: 3 x 16 x 16 on the plane (D = 768)
+WAFER_N = 32  # the demo's wafer maps: 32 x 32 (D = 1024)
+
+
+def make_demo_tree(root, scale: float = 1.0, seed: int = 0, *, n: int | None = None) -> dict:
     """Write the demo drive under `root` and return its summary.
 
     Summary keys: root, total_files, total_bytes, capsules {name or "none": {files, bytes}},
     files {relpath: {capsule (what a correct crawl assigns, even for faulty files), kind, bytes}},
     skipped (hidden files a crawl must not see), symlinks {relpath: target}.
     `scale` multiplies sample counts (snapshots, rows); past the per-file caps it adds files.
-    Fusion and wafer maps are n x n (the capsules' native 64 x 64 by default).
+
+    Field capsules get thousands of snapshots (~2,900 fusion, ~3,600 wafer at scale 1) at a
+    resolution the demo's CPU training generalises from within its step budget: fusion planes
+    3 x 16 x 16 (volumes of 4 z-planes, ~80 MB), wafer maps 32 x 32. The field density models
+    their leading principal coefficients (12 for the fusion modes, ~10-20 for the wafer),
+    whatever the resolution, but the data, the statistics pass (exact D x D covariance up to
+    D = 2048) and each step's projection grow with it; native 64 x 64 maps (`n=64`) need ~10x
+    the bytes per snapshot. `n` sets both resolutions (tests use tiny maps).
     """
     root = Path(root)
     tree = _Tree(root, seed)
+    n_fusion, n_wafer = (FUSION_N, WAFER_N) if n is None else (n, n)
 
     def count(base: int, minimum: int) -> int:
         return max(minimum, round(base * scale))
 
-    snaps, snap_cap = (lambda base: count(base, 2)), 64
+    snaps, snap_cap = (lambda base: count(base, 2)), 1000
     rows, row_cap = (lambda base: count(base, 100)), 2_000_000
-    maps, map_cap = (lambda base: count(base, 2)), 500
+    maps, map_cap = (lambda base: count(base, 2)), 2000
 
     mhd = "campaigns/2024/mhd"
-    tree.add_series(f"{mhd}/MHD_{n}_run01.h5", "fusion", "well", write_fusion_well, "n_time",
-                    snaps(10), snap_cap, n_traj=2, n=n, nz=8)
-    tree.add_series(f"{mhd}/MHD_{n}_run02.h5", "fusion", "well", write_fusion_well, "n_time",
-                    snaps(12), snap_cap, n=n, nz=8)
+    tree.add_series(f"{mhd}/MHD_{n_fusion}_run01.h5", "fusion", "well", write_fusion_well, "n_time",
+                    snaps(400), snap_cap, n_traj=2, n=n_fusion, nz=FUSION_NZ)
+    tree.add_series(f"{mhd}/MHD_{n_fusion}_run02.h5", "fusion", "well", write_fusion_well, "n_time",
+                    snaps(500), snap_cap, n=n_fusion, nz=FUSION_NZ)
     tree.add_series(f"{mhd}/plasma_shot_1042.h5", "fusion", "plain", write_fusion_plain, "n_time",
-                    snaps(20), snap_cap, n=n, nz=8)
+                    snaps(800), snap_cap, n=n_fusion, nz=FUSION_NZ)
     tree.add_series(f"{mhd}/plasma_shot_1043.h5", "fusion", "plain", write_fusion_plain, "n_time",
-                    snaps(20), snap_cap, n=n, nz=8)
+                    snaps(800), snap_cap, n=n_fusion, nz=FUSION_NZ)
     tree.add("campaigns/2024/photos/IMG_0001.png", None, "decoy", write_png, seeded=False)
     tree.add(f"{mhd}/MHD_empty.h5", "fusion", "empty", write_empty, seeded=False)
 
     for lot, units in (("lot_17", "K"), ("lot_18", "degC")):
         suffix = "" if units == "K" else "_degC"
         tree.add_series(f"fab/{lot}/wafer_{lot}_surface{suffix}.nc", "wafer", "surface",
-                        write_wafer_netcdf, "n_time", maps(50), map_cap, n=n, units=units)
+                        write_wafer_netcdf, "n_time", maps(1000), map_cap, n=n_wafer, units=units)
         tree.add_series(f"fab/{lot}/thermal_stack_{lot}{suffix}.nc", "wafer", "layered",
-                        write_wafer_netcdf, "n_time", maps(30), map_cap, n=n, layered=True,
+                        write_wafer_netcdf, "n_time", maps(600), map_cap, n=n_wafer, layered=True,
                         units=units)
 
     tree.add_series("grid/2024/grid_frequency_2024_01.csv", "grid", "one_bus", write_grid_csv,
@@ -615,14 +666,14 @@ def make_demo_tree(root, scale: float = 1.0, seed: int = 0, *, n: int = 64) -> d
     tree.add_series(f"{old}/MHD_32_legacy.h5", "fusion", "well", write_fusion_well, "n_time",
                     snaps(8), snap_cap, n=32, nz=4)
     tree.add_series(f"{old}/wafer_legacy.nc", "wafer", "surface_classic", write_wafer_netcdf,
-                    "n_time", maps(20), map_cap, n=n, file_format="NETCDF3_CLASSIC")
+                    "n_time", maps(400), map_cap, n=n_wafer, file_format="NETCDF3_CLASSIC")
     tree.add_series(f"{old}/grid_frequency_2023_12.parquet", "grid", "one_bus", write_grid_parquet,
                     "n_rows", rows(50_000), row_cap, start="2023-12-01T00:00:00")
-    tree.add(f"{old}/backup/MHD_{n}_run01_partial.h5", "fusion", "truncated", write_truncated_hdf5)
+    tree.add(f"{old}/backup/MHD_{n_fusion}_run01_partial.h5", "fusion", "truncated", write_truncated_hdf5)
 
     tree.add("README.txt", None, "decoy", write_readme, seeded=False)
     tree.add("lab/sensor_log.csv", None, "decoy", write_sensor_log)
-    tree.add("lab/run_0007.h5", "fusion", "metadata_only", write_metadata_only_fusion, n=n)
+    tree.add("lab/run_0007.h5", "fusion", "metadata_only", write_metadata_only_fusion, n=n_fusion, nz=FUSION_NZ)
     tree.add(".cache/MHD_cached.h5", "fusion", "hidden", write_fusion_plain, hidden=True, n=8, nz=2)
     tree.symlink("archive/2023/loop", "..")
     return tree.summary()

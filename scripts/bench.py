@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke runs, CI)")
     parser.add_argument("--workdir", default=None, help="where generated data goes (default: a temp dir)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--before", default=None, metavar="CHECKOUT",
+                        help="fields: also score an earlier checkout's model on the same data")
     args = parser.parse_args(argv)
 
     sections = [s for s in SECTIONS if s != "scaling"] if args.section == "all" else [args.section]

@@ -244,3 +244,26 @@ def test_synthetic_fields_at_d768_beat_ppca_through_the_real_pipeline(capsule, t
     assert figures["train_cpu_s"] <= 300
     assert figures["wrong_plane_min_energy_above_max"] > 1e4  # the other plane / layer
     assert_no_memorisation(figures, tolerance=0.05)
+
+
+def test_demo_fusion_files_share_the_device_modes_and_switch_regimes(tmp_path):
+    """The demo's B fields pool into one density: the same 6 modes (12 coefficients) in every
+    file, and regimes that give the leading coefficient a basin each (a platykurtic mixture)."""
+    from ebm_vae import demo
+    from ebm_vae.capsules import visible_capsules
+    from ebm_vae.data.extractors import EXTRACTORS
+    from ebm_vae.data.readers import READERS
+
+    extractor = EXTRACTORS["fusion"](visible_capsules()["fusion"])
+    states = []
+    for seed in (1, 2):
+        path = demo.write_fusion_plain(tmp_path / f"plasma_{seed}.h5", n_time=600, n=8, nz=4, seed=seed)
+        plan = extractor.plan(READERS["hdf5"].inspect(path))
+        with READERS["hdf5"].open(path) as handle:
+            states += list(extractor.iter_states(handle, plan, 0, plan.extent, 1000))
+    cov = Covariance.of(np.concatenate(states))
+    eigenvalues, components = cov.spectrum(1)
+    assert eigenvalues[11] > 1e-4 * eigenvalues[0] and eigenvalues[12] < 1e-9 * eigenvalues[0]
+    leading = (np.concatenate(states) - cov.mean) @ components[0]
+    kurtosis = np.mean(leading**4) / np.mean(leading**2) ** 2
+    assert kurtosis < 2.6  # a Gaussian has 3; regimes at -3, 0, +3 sigma give ~1.9

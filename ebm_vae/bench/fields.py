@@ -19,7 +19,11 @@ another density, so reading the wrong one is detectable. `run_case` goes through
 crawl -> train -> `EnergyModel` path and scores the checkpoint against the truth, beside
 PPCA and one Gaussian fitted to the same samples.
 
-    python scripts/bench.py fields [--json] [--quick] [--workdir DIR]
+    python scripts/bench.py fields [--json] [--quick] [--workdir DIR] [--before CHECKOUT]
+
+`--before CHECKOUT` also trains and scores an earlier checkout of the project (its own CLI and
+presets, the same files and steps), e.g. a worktree of commit f7f88ac (the conv VAE on z-scored
+maps) outside the repository: the table's "before" column.
 """
 
 from __future__ import annotations
@@ -276,9 +280,53 @@ def train_overrides(case: FieldCase, root: Path, out: Path) -> list[str]:
             "crawl.progress=false", "crawl.workers=1"]
 
 
+# Train and score with another checkout of the project (its own CLI and presets), in a
+# subprocess whose PYTHONPATH points at that checkout: the "before" column of the table.
+BEFORE_SCRIPT = """
+import json, sys, time
+import numpy as np, torch
+torch.set_num_threads(1)
+from ebm_vae.config import compose
+from ebm_vae.energy.model import EnergyModel
+from ebm_vae.train import train
+root, out, capsule, steps, held, result = sys.argv[1:7]
+wall, cpu = time.perf_counter(), time.process_time()
+metrics = train(compose("train", [f"capsule={capsule}", f"data.root={root}", f"paths.root={out}",
+                                  f"trainer.max_steps={steps}", "trainer.max_time=null",
+                                  "trainer.enable_progress_bar=false", "crawl.progress=false",
+                                  "crawl.workers=1"]))
+wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+model = EnergyModel.from_checkpoint(f"{out}/checkpoints/{capsule}/last.ckpt", device="cpu")
+np.save(result + ".npy", model.energy(np.load(held), k=64))
+with open(result, "w") as fh:
+    json.dump({"train_s": wall, "train_cpu_s": cpu, **{k: float(v) for k, v in metrics.items()}}, fh)
+"""
+
+
+def run_before(case: FieldCase, checkout: Path, root: Path, workdir: Path, held: np.ndarray,
+               true_held: np.ndarray) -> dict[str, Any]:
+    """KL gap, rank correlation and training time of `checkout`'s model on the case's files."""
+    import os
+    import subprocess
+
+    np.save(workdir / "held.npy", held)
+    result = workdir / f"{case.capsule}_before.json"
+    env = dict(os.environ, PYTHONPATH=str(Path(checkout).resolve()), OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-c", BEFORE_SCRIPT, str(root), str(workdir / f"{case.capsule}_before"),
+                    case.capsule, str(case.steps), str(workdir / "held.npy"), str(result)],
+                   env=env, cwd=workdir, check=True, capture_output=True)
+    energy = np.load(f"{result}.npy")
+    figures = json.loads(result.read_text())
+    return {"kl_gap_nats": float(np.mean(energy - true_held)), "spearman": spearman(energy, true_held),
+            "train_s": figures["train_s"], "train_cpu_s": figures["train_cpu_s"],
+            "val_iwae": figures.get("val/iwae"), "train_loss": figures.get("train/loss")}
+
+
 def run_case(case: FieldCase, workdir: Path, n_eval: int = 5000, k: int = 64,
-             extra_overrides: list[str] | None = None) -> dict[str, Any]:
-    """Write, crawl, train and score one case; every figure of the `fields` table for it."""
+             extra_overrides: list[str] | None = None, before: Path | None = None) -> dict[str, Any]:
+    """Write, crawl, train and score one case; every figure of the `fields` table for it.
+
+    `before`: a checkout of an earlier version, scored the same way on the same files."""
     from ebm_vae.config import compose
     from ebm_vae.energy.model import EnergyModel
     from ebm_vae.train import train
@@ -329,6 +377,7 @@ def run_case(case: FieldCase, workdir: Path, n_eval: int = 5000, k: int = 64,
         "write_s": write_s, "train_s": train_s, "train_cpu_s": train_cpu_s,
         "energy_s_per_1000": 1000 * energy_s / n_eval,
         "ratio": ppca_gap / max(gap, 1e-9),  # PPCA's gap over ours: > 1 where we beat it
+        **({"before": run_before(case, before, root, workdir, held, true_held)} if before else {}),
     }
 
 
@@ -341,7 +390,7 @@ def run(args: Any) -> dict[str, Any]:
         for name, case in CASES.items():
             if args.quick:  # smoke run: small, fast, not the figures of record
                 case = replace(case, n_snapshots=4000, steps=300)
-            results[name] = run_case(case, Path(tmp))
+            results[name] = run_case(case, Path(tmp), before=getattr(args, "before", None))
             print(f"fields {name}: KL gap {results[name]['kl_gap_nats']:.3f} nats (PPCA "
                   f"{results[name]['ppca_kl_gap_nats']:.3f}, Gaussian {results[name]['gaussian_kl_gap_nats']:.3f}), "
                   f"train {results[name]['train_s']:.0f} s", file=sys.stderr, flush=True)
