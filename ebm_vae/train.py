@@ -30,7 +30,8 @@ def data_provenance(datamodule: Any) -> dict[str, Any]:
     train/validation samples and files (plain containers)."""
     stats = datamodule.stats
     files = [{k: v for k, v in f.items() if k != "blocks"} for f in stats.files]
-    return {"count": stats.count, "created": stats.created, "files": files, "split": datamodule.split}
+    return {"count": stats.count, "created": stats.created, "files": files, "split": datamodule.split,
+            "field_rank": stats.field_rank}
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

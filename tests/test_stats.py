@@ -13,7 +13,8 @@ from ebm_vae import demo
 from ebm_vae.capsules import visible_capsules
 from ebm_vae.config import compose
 from ebm_vae.crawl.crawl import crawl
-from ebm_vae.data.stats import Moments, Sample, Stats, merge_stats, run_stats_pass
+from ebm_vae.data.principal import Reservoir
+from ebm_vae.data.stats import Moments, Stats, merge_stats, run_stats_pass
 
 USER_CAPSULE = """\
 name: probe
@@ -75,23 +76,28 @@ def test_chan_merge_of_two_halves_equals_the_whole():
         merge_stats(left, Stats.from_moments("other", state, Moments.of(x)))
 
 
-def test_sample_is_bounded_uniform_and_the_same_however_it_is_split():
+def test_reservoirs_merge_to_the_same_sample_in_any_order_and_grouping():
     states = np.arange(10_000, dtype=np.float32)[:, None]
-    keys = np.random.default_rng(0).random(10_000)
-    whole = Sample(50, 1)
-    whole.offer(keys, states)
-    assert whole.sample.shape == (50, 1) and len(np.unique(whole.sample)) == 50
-    np.testing.assert_array_equal(np.sort(whole.sample[:, 0]), np.sort(states[np.argsort(keys)[:50], 0]))
-    parts = [Sample(50, 1) for _ in range(3)]
-    for part, rows in zip(parts, np.array_split(np.arange(10_000), [17, 6000]), strict=True):
-        for chunk in np.array_split(rows, 5):
-            part.offer(keys[chunk], states[chunk])
-    merged = parts[2].merge(parts[0]).merge(parts[1])
-    np.testing.assert_array_equal(merged.sample, whole.sample)  # any split, any order
-    few = Sample(50, 1)
-    few.offer(keys[:30], states[:30])
+    parts = np.array_split(np.arange(10_000), [17, 6000, 6001])
+
+    def reservoir_of(rows, seed):
+        r = Reservoir(50, 1, seed=seed)
+        for chunk in np.array_split(rows, 3):
+            r.add(states[chunk])
+        return r
+
+    def files():  # one reservoir per part, seeded per part (per file in the pass)
+        return [reservoir_of(rows, seed) for seed, rows in enumerate(parts)]
+
+    a, b, c, d = files()
+    left = a.merge(b).merge(c).merge(d)  # one process, in file order
+    a, b, c, d = files()
+    ranks = d.merge(c).merge(b.merge(a))  # two ranks, merged the other way round
+    np.testing.assert_array_equal(left.sample, ranks.sample)
+    assert left.seen == 10_000 and left.sample.shape == (50, 1) and len(np.unique(left.sample)) == 50
+    assert left.sample.max() > 5000  # later states do get in
+    few = reservoir_of(np.arange(30), 0)
     assert sorted(few.sample[:, 0]) == list(range(30))  # fewer than the size: every state
-    assert whole.sample.max() > 5000  # later states do get in
 
 
 def test_stats_pass_equals_numpy_on_csv_and_parquet(tmp_path, caplog):
@@ -123,6 +129,9 @@ def test_stats_pass_equals_numpy_on_csv_and_parquet(tmp_path, caplog):
     saved = Stats.load(tmp_path / "out" / "index" / "probe" / "stats.json")
     np.testing.assert_array_equal(saved.mean, stats.mean)
     assert [f["path"] for f in saved.files] == ["probe_1.csv", "probe_2.parquet"]
+    # every finite state fits the reservoir: the quantiles are numpy's of the whole data
+    np.testing.assert_allclose(saved.quantiles["values"], np.quantile(finite, saved.quantiles["levels"], axis=0),
+                               rtol=1e-12)
     assert saved.state_info.units == ("m", "s", "K")
 
 
@@ -152,6 +161,10 @@ def test_field_stats_skip_a_minority_shape_and_keep_a_principal_basis(tmp_path, 
             states += list(ex.iter_states(h, plan, 0, plan.extent, 100))
     projected = (np.concatenate(states) - stats.mean) @ components[0]
     assert np.sqrt(np.mean(projected**2)) == pytest.approx(std[0], rel=1e-5)
+    # quantiles of the principal coefficients (not of 192 pixels)
+    assert set(stats.quantiles) == {"levels", "pc_values"} and stats.quantiles["pc_values"].shape == (7, 3)
+    np.testing.assert_allclose(stats.quantiles["pc_values"][:, 0],
+                               np.quantile(projected, stats.quantiles["levels"]), rtol=1e-5, atol=1e-9)
 
 
 # --------------------------------------------------------------------------- at scale
@@ -173,6 +186,7 @@ def assert_same_stats(a: Stats, b: Stats, rtol: float = 0.0) -> None:
         np.testing.assert_allclose(getattr(a, key), getattr(b, key), rtol=rtol, atol=0)
     np.testing.assert_allclose(a.pca["std"], b.pca["std"], rtol=max(rtol, 1e-12) * 1e3)
     np.testing.assert_allclose(np.abs(a.pca["components"] @ b.pca["components"].T), np.eye(3), atol=1e-8)
+    np.testing.assert_allclose(a.quantiles["pc_values"], b.quantiles["pc_values"], rtol=max(rtol, 1e-12) * 1e3)
 
 
 def test_the_pass_is_the_same_in_one_process_and_in_two(tmp_path):

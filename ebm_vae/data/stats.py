@@ -2,15 +2,20 @@
 
 The pass reads every usable file of a capsule chunk by chunk through its extractor, a file per
 task in worker processes (`ebm_vae.data.filepass`: a file that crashes or hangs its reader is
-quarantined, not fatal; several ranks under torchrun/SLURM share the files). Each chunk's
-moments are computed in float64 and merged with Chan's parallel update, which is exact for any
-split of the data; files are merged in path order, so the result does not depend on the number
-of processes, and the ranks' totals merge the same way (equal to float64 rounding). A sample
-with any NaN/Inf component is excluded (the stream drops it too, so the normalisation describes
-exactly what is trained on); NaN and Inf are counted per component. For field states a
-principal basis is kept: the top components of a uniform sample of bounded size (`Sample`,
-mergeable), in physical units centred at the mean. The running total is saved every
-`crawl.checkpoint_s` seconds, so a killed pass resumes where it stopped.
+quarantined, not fatal; several ranks under torchrun/SLURM share the files). Each file's
+statistics are a `PartialStats` whose parts all merge exactly: moments (Chan's update in
+float64), the principal accumulator, the quantile reservoir, the support counts. Files are
+merged in file order, so the result does not depend on the number of processes; the ranks'
+totals merge the same way (equal to float64 rounding: the reservoirs keep the states of
+smallest random key, drawn per file, so no merge order changes them). A sample with any
+NaN/Inf component is excluded (the stream drops it too, so the normalisation describes exactly
+what is trained on); NaN and Inf are counted per component. For field states a principal basis
+is kept (`ebm_vae.data.principal`): the spectrum of the exact covariance for moderate sizes, of
+a bounded reservoir sample above them, in physical units centred at the mean, with the rank the
+field density uses. Robust quantiles (for the default limits of energy maps) come from a
+bounded reservoir of states: of the components of vector states, of the principal coefficients
+of field states. The running total is saved every `crawl.checkpoint_s` seconds, so a killed
+pass resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -38,78 +43,28 @@ from ebm_vae.data.filepass import (
     default_workers,
     file_tasks,
     quarantine,
-    share,
 )
+from ebm_vae.data.filepass import share as share_files
+from ebm_vae.data.moments import Moments, floored_std
+from ebm_vae.data.principal import (
+    Accumulator,
+    Covariance,
+    Reservoir,
+    choose_rank,
+    noise_floor,
+    principal_accumulator,
+    principal_summary,
+)
+from ebm_vae.data.support import PointMasses, Support, component_bounds
 from ebm_vae.data.units import WorkUnit, chunk_samples, majority_state, path_seed
 from ebm_vae.io import atomic_path, atomic_write_json
 from ebm_vae.locks import output_lock
 
 log = logging.getLogger(__name__)
 
-STD_FLOOR_RELATIVE = 1e-6  # a std below this fraction of the component's scale is "constant"
-STD_FLOOR_ABSOLUTE = 1e-12
-
-
-@dataclass
-class Moments:
-    """Count, mean, sum of squared deviations (m2), min, max over finite samples; NaN/Inf counts."""
-
-    count: int
-    mean: np.ndarray
-    m2: np.ndarray
-    min: np.ndarray
-    max: np.ndarray
-    nan_count: np.ndarray
-    inf_count: np.ndarray
-
-    @classmethod
-    def empty(cls, dim: int) -> Moments:
-        return cls(0, np.zeros(dim), np.zeros(dim), np.full(dim, np.inf), np.full(dim, -np.inf),
-                   np.zeros(dim, np.int64), np.zeros(dim, np.int64))
-
-    @classmethod
-    def of(cls, states: np.ndarray) -> Moments:
-        """Moments of one chunk (n, D); rows with a non-finite component are counted, not used."""
-        nan = np.isnan(states)
-        inf = np.isinf(states)
-        finite_rows = ~(nan | inf).any(axis=1)
-        x = states[finite_rows].astype(np.float64) if not finite_rows.all() else states.astype(np.float64)
-        out = cls.empty(states.shape[1])
-        out.nan_count, out.inf_count = nan.sum(axis=0), inf.sum(axis=0)
-        if len(x):
-            out.count = len(x)
-            out.mean = x.mean(axis=0)
-            out.m2 = np.square(x - out.mean).sum(axis=0)
-            out.min, out.max = x.min(axis=0), x.max(axis=0)
-        return out
-
-    def merge(self, other: Moments) -> Moments:
-        """Chan et al.'s parallel update: exact for any split of the samples."""
-        n = self.count + other.count
-        if n == 0:
-            mean, m2 = self.mean, self.m2
-        else:
-            delta = other.mean - self.mean
-            mean = self.mean + delta * (other.count / n)
-            m2 = self.m2 + other.m2 + np.square(delta) * (self.count * other.count / n)
-        return Moments(n, mean, m2, np.minimum(self.min, other.min), np.maximum(self.max, other.max),
-                       self.nan_count + other.nan_count, self.inf_count + other.inf_count)
-
-    @property
-    def raw_std(self) -> np.ndarray:
-        return np.sqrt(self.m2 / self.count) if self.count else np.zeros_like(self.m2)
-
-
-def floored_std(mean: np.ndarray, raw_std: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """Floor near-constant components so z-scoring stays finite; returns (std, floored indices).
-
-    The floor is relative to the component's magnitude (|mean|) or the state's largest std,
-    whichever is larger, so it does not depend on the units.
-    """
-    scale = np.maximum(np.abs(mean), raw_std.max(initial=0.0))
-    floor = np.maximum(STD_FLOOR_RELATIVE * scale, STD_FLOOR_ABSOLUTE)
-    low = raw_std < floor
-    return np.where(low, floor, raw_std), np.flatnonzero(low).tolist()
+QUANTILE_LEVELS = (0.001, 0.005, 0.01, 0.5, 0.99, 0.995, 0.999)
+QUANTILE_RESERVOIR_STATES = 65536  # states kept for the quantiles (at most ...
+QUANTILE_RESERVOIR_BYTES = 64 * 2**20  # ... and this many bytes of them)
 
 
 @dataclass
@@ -125,10 +80,16 @@ class Stats:
     nan_count: np.ndarray
     inf_count: np.ndarray
     floored: list[int] = field(default_factory=list)
-    pca: dict[str, np.ndarray] | None = None  # {"components": (k, D), "std": (k,)}
+    # fields: {"components": (k, D), "std": (k,), "eigenvalues", "total_variance", "samples",
+    # "rank", "noise_variance", "noise_floor"} (see ebm_vae.data.principal.principal_summary)
+    pca: dict[str, np.ndarray] | None = None
+    # {"levels": (L,), "values": (L, D) vector states | "pc_values": (L, k) field states}
+    quantiles: dict[str, np.ndarray] | None = None
     files: list[dict[str, Any]] = field(default_factory=list)  # [{path, size, mtime_ns, n_read, ...}]
     created: str = ""
     skipped: list[dict[str, Any]] = field(default_factory=list)  # [{path, size, mtime_ns, reason}]
+    support: Support | None = None  # vector states with declared bounds
+    point_masses: PointMasses | None = None  # vector states: values holding a large share
 
     @property
     def state_info(self) -> StateInfo:
@@ -138,6 +99,21 @@ class Stats:
     def log_jacobian(self) -> float:
         """sum(log std): add it to an energy of z-scored states to get physical units."""
         return float(np.sum(np.log(self.std)))
+
+    @property
+    def field_rank(self) -> int | None:
+        """The number of principal coefficients the field density models (None: not a field).
+
+        Statistics written before the rank was stored get it from their stored spectrum.
+        """
+        if not self.pca:
+            return None
+        if "rank" in self.pca:
+            return int(self.pca["rank"])
+        eigenvalues = np.square(np.asarray(self.pca["std"], dtype=np.float64))
+        total = float(np.sum(np.square(self.raw_std)))
+        return choose_rank(eigenvalues, total, len(self.mean), self.count, len(eigenvalues),
+                           noise_floor(self.mean, total))
 
     @property
     def moments(self) -> Moments:
@@ -165,18 +141,26 @@ class Stats:
         arrays = {k: getattr(self, k).tolist() for k in
                   ("mean", "std", "raw_std", "min", "max", "nan_count", "inf_count")}
         pca = None if self.pca is None else {k: np.asarray(v).tolist() for k, v in self.pca.items()}
+        quantiles = None if self.quantiles is None else {k: np.asarray(v).tolist() for k, v in self.quantiles.items()}
         return {"capsule": self.capsule, "state": self.state, "count": self.count, **arrays,
-                "floored": self.floored, "pca": pca, "files": self.files, "created": self.created,
-                "skipped": self.skipped, "log_jacobian": self.log_jacobian}
+                "floored": self.floored, "pca": pca, "quantiles": quantiles, "files": self.files,
+                "created": self.created, "skipped": self.skipped, "log_jacobian": self.log_jacobian,
+                "support": None if self.support is None else self.support.to_dict(),
+                "point_masses": None if self.point_masses is None else self.point_masses.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Stats:
         floats = {k: np.asarray(d[k], dtype=np.float64) for k in ("mean", "std", "raw_std", "min", "max")}
         ints = {k: np.asarray(d[k], dtype=np.int64) for k in ("nan_count", "inf_count")}
         pca = None if d.get("pca") is None else {k: np.asarray(v, dtype=np.float64) for k, v in d["pca"].items()}
+        quantiles = None if d.get("quantiles") is None else \
+            {k: np.asarray(v, dtype=np.float64) for k, v in d["quantiles"].items()}
         return cls(capsule=d["capsule"], state=d["state"], count=int(d["count"]), **floats, **ints,
-                   floored=list(d.get("floored", [])), pca=pca, files=list(d.get("files", [])),
-                   created=d.get("created", ""), skipped=list(d.get("skipped", [])))
+                   floored=list(d.get("floored", [])), pca=pca, quantiles=quantiles,
+                   files=list(d.get("files", [])), created=d.get("created", ""),
+                   skipped=list(d.get("skipped", [])),
+                   support=None if d.get("support") is None else Support.from_dict(d["support"]),
+                   point_masses=None if d.get("point_masses") is None else PointMasses.from_dict(d["point_masses"]))
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_dict())
@@ -199,115 +183,114 @@ def merge_stats(a: Stats, b: Stats) -> Stats:
     pca = pca if pca is not None else (b.pca if a.count >= b.count else a.pca)
     files = {f["path"]: f for f in a.files + b.files}
     skipped = {f["path"]: f for f in a.skipped + b.skipped}
-    return Stats.from_moments(a.capsule, a.state, a.moments.merge(b.moments), pca=pca,
-                              files=sorted(files.values(), key=lambda f: f["path"]),
-                              skipped=sorted(skipped.values(), key=lambda f: f["path"]))
+    merged = Stats.from_moments(a.capsule, a.state, a.moments.merge(b.moments), pca=pca,
+                                files=sorted(files.values(), key=lambda f: f["path"]),
+                                skipped=sorted(skipped.values(), key=lambda f: f["path"]))
+    merged.quantiles = (a if a.count >= b.count else b).quantiles  # like the basis: the larger part's
+    if a.support is not None and b.support is not None:
+        merged.support = a.support.merge(b.support)
+    if a.point_masses is not None and b.point_masses is not None:
+        merged.point_masses = a.point_masses.merge(b.point_masses)
+    return merged
 
 
-class Sample:
-    """A uniform sample, without replacement, of at most `size` finite states of a pass.
+def quantile_reservoir(dim: int, seed: int) -> Reservoir:
+    """The bounded reservoir of states that the quantiles are taken from."""
+    return Reservoir(max(1, min(QUANTILE_RESERVOIR_STATES, QUANTILE_RESERVOIR_BYTES // (4 * dim))), dim, seed=seed)
 
-    Every state gets a random key, drawn in file order from a generator seeded by its file's
-    path, and the sample is the `size` states of smallest key: the same states whatever the
-    chunks, workers or ranks, and two samples merge by keeping the smallest keys of both. A
-    file offers only its states with a key below `threshold` (the pass sets it so that about
-    1.25 x `size` states qualify in all), so workers send little back.
-    """
 
-    def __init__(self, size: int, dim: int, threshold: float = 1.0):
-        self.size, self.threshold = size, threshold
-        self.keys = np.zeros(0)
-        self.states = np.zeros((0, dim), dtype=np.float32)
-
-    def offer(self, keys: np.ndarray, states: np.ndarray) -> None:
-        """Consider `states` (finite, float32) with their `keys`."""
-        keep = keys < self.threshold
-        if keep.any():
-            self._keep(np.concatenate([self.keys, keys[keep]]), np.concatenate([self.states, states[keep]]))
-
-    def merge(self, other: Sample) -> Sample:
-        out = Sample(self.size, self.states.shape[1], self.threshold)
-        out._keep(np.concatenate([self.keys, other.keys]), np.concatenate([self.states, other.states]))
-        return out
-
-    def _keep(self, keys: np.ndarray, states: np.ndarray) -> None:
-        order = np.argsort(keys, kind="stable")[: self.size]
-        self.keys, self.states = keys[order], states[order]
-
-    @property
-    def sample(self) -> np.ndarray:
-        return self.states
+def reservoir_quantiles(sample: np.ndarray, mean: np.ndarray, pca: dict[str, np.ndarray] | None,
+                        block_rows: int = 256) -> dict[str, np.ndarray] | None:
+    """Quantiles at QUANTILE_LEVELS of a reservoir sample: per component, or per principal
+    coefficient when a basis is given (field states; computed block by block)."""
+    if len(sample) == 0:
+        return None
+    levels = np.asarray(QUANTILE_LEVELS)
+    if pca is None:
+        return {"levels": levels, "values": np.quantile(sample.astype(np.float64), levels, axis=0)}
+    components = np.asarray(pca["components"], dtype=np.float64)
+    coefficients = np.concatenate([(sample[i:i + block_rows].astype(np.float64) - mean) @ components.T
+                                   for i in range(0, len(sample), block_rows)])
+    return {"levels": levels, "pc_values": np.quantile(coefficients, levels, axis=0)}
 
 
 @dataclass
-class FilePartial:
-    """What one file contributes to the statistics (made and filled in a worker)."""
+class PartialStats:
+    """Every partial result of the statistics pass over some of a capsule's states, with an
+    exact `merge`: files, workers and ranks each hold one, and their merge is the whole's."""
 
+    state: StateInfo
     moments: Moments
-    sample: Sample | None
-    rng: np.random.Generator | None
+    principal: Accumulator | None  # field states: exact covariance or reservoir
+    quantiles: Reservoir
+    support: Support | None  # vector states with declared bounds
+    point_masses: PointMasses | None  # vector states
+
+    @classmethod
+    def empty(cls, state: StateInfo, capsule: CapsuleConfig, cfg: Any, seed: int) -> PartialStats:
+        field_state = state.kind == "field"
+        lower, upper = component_bounds(state, capsule.bounds)
+        bounded = not (np.isnan(lower).all() and np.isnan(upper).all())
+        return cls(state, Moments.empty(state.dim),
+                   principal_accumulator(state.dim, cfg.crawl.exact_covariance_max_dim,
+                                         cfg.crawl.stats_reservoir, seed=seed) if field_state else None,
+                   quantile_reservoir(state.dim, seed=seed),
+                   Support.empty(lower, upper) if bounded else None,
+                   None if field_state else PointMasses())
 
     def add(self, states: np.ndarray) -> None:
         self.moments = self.moments.merge(Moments.of(states))
-        if self.sample is not None:
-            keys = self.rng.random(len(states))  # drawn for every state: independent of chunking
-            finite = np.isfinite(states).all(axis=1)
-            self.sample.offer(keys[finite], states[finite])
+        for part in (self.principal, self.quantiles, self.support):
+            if part is not None:
+                part.add(states)
+        if self.point_masses is not None:
+            self.point_masses = self.point_masses.merge(PointMasses.of(states[np.isfinite(states).all(axis=1)]))
+
+    def merge(self, other: PartialStats) -> PartialStats:
+        def both(a, b):
+            return None if a is None else a.merge(b)
+
+        return PartialStats(self.state, self.moments.merge(other.moments),
+                            both(self.principal, other.principal), self.quantiles.merge(other.quantiles),
+                            both(self.support, other.support), both(self.point_masses, other.point_masses))
+
+    def finish(self, capsule: str, n_components: int, files: list[dict[str, Any]],
+               skipped: list[dict[str, Any]] | None = None) -> Stats:
+        """The statistics of the merged whole, with warnings about bounds and point masses."""
+        total = self.moments
+        pca = None if self.principal is None else principal_summary(
+            self.principal, total.mean, np.square(total.raw_std), n_components)
+        stats = Stats.from_moments(capsule, self.state, total, pca=pca, files=files, skipped=skipped)
+        if self.state.kind != "field" or pca is not None:  # fields: of the principal coefficients only
+            stats.quantiles = reservoir_quantiles(self.quantiles.sample, total.mean, pca)
+        stats.support, stats.point_masses = self.support, self.point_masses
+        if self.support is not None:
+            self.support.report(capsule, self.state.names)
+        for i, value, share in (self.point_masses.large() if self.point_masses else []):
+            log.warning("%s: %.3g%% or more of the %s values are exactly %g: a point mass, which a density "
+                        "smears (declare it as a bound, bounds: {%s: [%g, null]}, if it is one)",
+                        capsule, 100.0 * share, self.state.names[i], value, self.state.names[i], value)
+        return stats
 
 
 @dataclass(frozen=True)
 class PartialFactory:
-    """A fresh `FilePartial` per file task (picklable: it travels to worker processes)."""
+    """A fresh `PartialStats` per file task (picklable: it travels to worker processes), its
+    reservoirs seeded by the file's path, so a file's keys do not depend on where it is read."""
 
-    dim: int
-    sample_size: int  # 0: no sample (vector states)
-    threshold: float
+    state: StateInfo
+    capsule: CapsuleConfig
+    cfg: Any  # the composed config (crawl.exact_covariance_max_dim, crawl.stats_reservoir)
 
-    def __call__(self, task: FileTask) -> FilePartial:
-        if not self.sample_size:
-            return FilePartial(Moments.empty(self.dim), None, None)
-        return FilePartial(Moments.empty(self.dim), Sample(self.sample_size, self.dim, self.threshold),
-                           np.random.default_rng(path_seed(task.unit.path)))
-
-
-def principal_basis(sample: np.ndarray, mean: np.ndarray, k: int, seed: int = 0,
-                    power_iterations: int = 3, block_rows: int = 256) -> dict[str, np.ndarray] | None:
-    """Top-k principal directions (unit rows, physical units, centred at `mean`) and the std
-    along each, by a randomised SVD (Halko et al.) of the centred sample.
-
-    The sample is centred block by block in float64, never copied whole: a reservoir of 4096
-    states of 3 x 64 x 64 is 200 MB in float32 and a full SVD of it would need gigabytes.
-    With k + 10 >= the sample's rank the result is the exact SVD's.
-    """
-    n, dim = sample.shape
-    if n < 2:
-        return None
-    k = min(k, n, dim)
-    rank = min(k + 10, n, dim)
-    blocks = [slice(i, min(n, i + block_rows)) for i in range(0, n, block_rows)]
-
-    def centred(rows: slice) -> np.ndarray:
-        return sample[rows].astype(np.float64) - mean
-
-    def times(v: np.ndarray) -> np.ndarray:  # X_c v: (n, r)
-        return np.concatenate([centred(b) @ v for b in blocks])
-
-    def transposed_times(u: np.ndarray) -> np.ndarray:  # X_c^T u: (dim, r)
-        return sum(centred(b).T @ u[b] for b in blocks)
-
-    q = np.linalg.qr(times(np.random.default_rng(seed).normal(size=(dim, rank))))[0]
-    for _ in range(power_iterations):
-        q = np.linalg.qr(times(np.linalg.qr(transposed_times(q))[0]))[0]
-    _, s, vt = np.linalg.svd(transposed_times(q).T, full_matrices=False)
-    return {"components": vt[:k], "std": s[:k] / np.sqrt(n)}
+    def __call__(self, task: FileTask) -> PartialStats:
+        return PartialStats.empty(self.state, self.capsule, self.cfg, seed=path_seed(task.unit.path))
 
 
 @dataclass
 class PassTotal:
     """The pass so far on one rank (merged in file order), or of all ranks (merged in rank order)."""
 
-    moments: Moments
-    sample: Sample | None
+    partial: PartialStats
     files: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     quarantined: dict[str, str] = field(default_factory=dict)  # path -> reason
@@ -323,28 +306,22 @@ class PassTotal:
         else:
             if result.cache_error is not None:
                 log.warning("not caching the states of %s: %s", unit.path, result.cache_error)
-            self.moments = self.moments.merge(result.accumulator.moments)
-            if self.sample is not None:
-                self.sample = self.sample.merge(result.accumulator.sample)
+            self.partial = self.partial.merge(result.accumulator)
             self.files.append({**identity, **result.record()})
         self.done += 1
 
     def merge(self, other: PassTotal) -> PassTotal:
-        sample = None if self.sample is None else self.sample.merge(other.sample)
-        return PassTotal(self.moments.merge(other.moments), sample, self.files + other.files,
+        return PassTotal(self.partial.merge(other.partial), self.files + other.files,
                          self.skipped + other.skipped, {**self.quarantined, **other.quarantined},
                          self.done + other.done)
 
     def save(self, path: Path, identity: str) -> None:
         """A resumable checkpoint (no pickles: arrays and a JSON string)."""
-        m = self.moments
-        sample = self.sample if self.sample is not None else Sample(0, len(m.mean))
-        meta = {"identity": identity, "done": self.done, "count": m.count, "files": self.files,
-                "skipped": self.skipped, "quarantined": self.quarantined}
+        arrays, meta = _partial_to_arrays(self.partial)
+        meta.update(identity=identity, done=self.done, files=self.files, skipped=self.skipped,
+                    quarantined=self.quarantined)
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, mean=m.mean, m2=m.m2, min=m.min, max=m.max, nan_count=m.nan_count,
-                     inf_count=m.inf_count, sample_keys=sample.keys, sample_states=sample.states,
-                     meta=np.array(json.dumps(meta)))
+            np.savez(fh, **arrays, meta=np.array(json.dumps(meta)))
 
     @classmethod
     def resume(cls, path: Path, identity: str, empty: PassTotal) -> PassTotal:
@@ -355,22 +332,50 @@ class PassTotal:
                 meta = json.loads(str(saved["meta"]))
                 if meta["identity"] != identity:
                     return empty
-                moments = Moments(int(meta["count"]), *(saved[k] for k in
-                                  ("mean", "m2", "min", "max", "nan_count", "inf_count")))
-                sample = None
-                if empty.sample is not None:
-                    sample = Sample(empty.sample.size, len(moments.mean), empty.sample.threshold)
-                    sample.keys, sample.states = saved["sample_keys"], saved["sample_states"]
+                partial = _partial_from_arrays(empty.partial, dict(saved), meta)
         except (OSError, ValueError, KeyError):
             return empty
         log.info("resuming the statistics pass after %d files (%s)", meta["done"], path.name)
-        return cls(moments, sample, meta["files"], meta["skipped"], meta["quarantined"], meta["done"])
+        return cls(partial, meta["files"], meta["skipped"], meta["quarantined"], meta["done"])
 
 
-def _pass_identity(capsule: CapsuleConfig, state: StateInfo, tasks: list[FileTask], rank: int, world: int,
-                   sample: Sample | None) -> str:
+MOMENT_FIELDS = ("mean", "m2", "min", "max", "nan_count", "inf_count")
+
+
+def _partial_to_arrays(p: PartialStats) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A `PartialStats` as arrays and JSON (the checkpoint of a pass)."""
+    arrays = {f"moments_{k}": getattr(p.moments, k) for k in MOMENT_FIELDS}
+    meta: dict[str, Any] = {"count": p.moments.count, "support": p.support and p.support.to_dict(),
+                            "point_masses": p.point_masses and p.point_masses.to_dict()}
+    for name, part in (("principal", p.principal), ("quantiles", p.quantiles)):
+        if isinstance(part, Covariance):
+            arrays.update({f"{name}_mean": part.mean, f"{name}_comoment": part.comoment})
+            meta[name] = {"count": part.count}
+        elif isinstance(part, Reservoir):
+            arrays.update({f"{name}_keys": part.keys, f"{name}_data": part.data})
+            meta[name] = {"seen": part.seen, "rng": part.rng.bit_generator.state}
+    return arrays, meta
+
+
+def _partial_from_arrays(empty: PartialStats, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> PartialStats:
+    """The inverse of `_partial_to_arrays`, onto the empty partial of the same pass."""
+    moments = Moments(int(meta["count"]), *(arrays[f"moments_{k}"] for k in MOMENT_FIELDS))
+    parts = {}
+    for name, part in (("principal", empty.principal), ("quantiles", empty.quantiles)):
+        if isinstance(part, Covariance):
+            part = Covariance(int(meta[name]["count"]), arrays[f"{name}_mean"], arrays[f"{name}_comoment"])
+        elif isinstance(part, Reservoir):
+            part.keys, part.data, part.seen = arrays[f"{name}_keys"], arrays[f"{name}_data"], int(meta[name]["seen"])
+            part.rng.bit_generator.state = meta[name]["rng"]
+        parts[name] = part
+    support = None if meta["support"] is None else Support.from_dict(meta["support"])
+    masses = None if meta["point_masses"] is None else PointMasses.from_dict(meta["point_masses"])
+    return PartialStats(empty.state, moments, parts["principal"], parts["quantiles"], support, masses)
+
+
+def _pass_identity(capsule: CapsuleConfig, state: StateInfo, tasks: list[FileTask], rank: int,
+                   world: int) -> str:
     payload = json.dumps([capsule.name, list(state.shape), rank, world,
-                          None if sample is None else [sample.size, sample.threshold],
                           [[t.unit.path, t.unit.size, t.unit.mtime_ns, t.grid.length, t.write_cache]
                            for t in tasks]])
     return hashlib.sha1(payload.encode()).hexdigest()
@@ -407,13 +412,11 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
         if total.skipped:
             log.warning("statistics of %s: %d of %d usable files skipped (reasons above), %d counted",
                         capsule.name, len(total.skipped), len(entries), len(total.files))
-        if total.moments.count == 0:
+        if total.partial.moments.count == 0:
             raise ValueError(f"capsule '{capsule.name}': no finite samples in {len(entries)} usable files")
-        sample = total.sample.sample if total.sample is not None else None
-        pca = principal_basis(sample, total.moments.mean, cfg.crawl.n_components) if sample is not None else None
-        stats = Stats.from_moments(capsule.name, state, total.moments, pca=pca,
-                                   files=sorted(total.files, key=lambda f: f["path"]),
-                                   skipped=sorted(total.skipped, key=lambda f: f["path"]))
+        stats = total.partial.finish(capsule.name, cfg.crawl.n_components,
+                                     sorted(total.files, key=lambda f: f["path"]),
+                                     sorted(total.skipped, key=lambda f: f["path"]))
         if ranks.rank == 0:
             with output_lock(index_dir, f"the statistics of {capsule.name}"):  # re-entrant
                 stats.save(index_dir / capsule.name / "stats.json")
@@ -428,13 +431,11 @@ def _run_pass(manifest: Any, capsule: CapsuleConfig, cfg: Any, cache: StateCache
     merged in rank order (the same on every rank). Returns it and the checkpoint's path."""
     skipped: list[dict[str, Any]] = []
     planned = file_tasks(extractor, entries, state, cfg.data.val_block, cache, skipped)
-    size = cfg.crawl.stats_reservoir if state.kind == "field" else 0
-    threshold = min(1.0, 1.25 * size / max(1, sum(unit.plan.n_samples for unit, _, _ in planned)))
-    shares = share([FileTask(0, u, g, w) for u, g, w in planned], ranks.rank, ranks.world)
+    shares = share_files([FileTask(0, u, g, w) for u, g, w in planned], ranks.rank, ranks.world)
     mine = [FileTask(i, t.unit, t.grid, t.write_cache) for i, t in enumerate(shares)]
-    empty = PassTotal(Moments.empty(state.dim), Sample(size, state.dim, threshold) if size else None,
+    empty = PassTotal(PartialStats.empty(state, capsule, cfg, seed=0),
                       skipped=skipped if ranks.rank == 0 else [])
-    identity = _pass_identity(capsule, state, mine, ranks.rank, ranks.world, empty.sample)
+    identity = _pass_identity(capsule, state, mine, ranks.rank, ranks.world)
     checkpoint = folder / f"stats.partial-{ranks.rank}-of-{ranks.world}.npz"
     total = PassTotal.resume(checkpoint, identity, empty)
     last_save = time.monotonic()
@@ -447,7 +448,7 @@ def _run_pass(manifest: Any, capsule: CapsuleConfig, cfg: Any, cache: StateCache
             last_save = time.monotonic()
 
     FilePass(extractor, Path(manifest.root), chunk_samples(state, cfg.data.chunk_bytes),
-             PartialFactory(state.dim, size, threshold), cache,
+             PartialFactory(state, capsule, cfg), cache,
              default_workers(cfg.crawl.get("stats_workers"), len(mine)), cfg.crawl.file_timeout_s,
              merge, progress=cfg.crawl.progress, description=f"stats {capsule.name}").run(mine[total.done :])
     return functools.reduce(PassTotal.merge, ranks.all_gather(total)), checkpoint
