@@ -31,6 +31,8 @@ import argparse
 import contextlib
 import json
 import logging
+import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -48,6 +50,7 @@ from ebm_vae.crawl.crawl import crawl
 from ebm_vae.data.datamodule import datamodule_from_config
 
 SCALES = (1, 3, 10)
+STATS_SCALE = 3  # the tree the statistics pass's speed-up is measured on
 EPOCHS = 3
 VARIANTS = 4  # distinct files written per capsule; the rest of a tree repeats them
 FUSION_BUFFER_BYTES = 4 * 2**20
@@ -147,7 +150,7 @@ def epoch_in_subprocess(overrides: list[str]) -> dict[str, Any]:
 
 def measure(spec: TreeSpec, work: Path, scales: tuple[int, ...]) -> dict[str, dict[str, Any]]:
     variants = write_variants(spec, work)
-    entries = {}
+    entries, passes = {}, {}
     for scale in scales:
         root = write_tree(spec, variants, work / f"{spec.capsule}_{scale}x", scale)
         overrides = train_overrides(spec.capsule, root, work / f"{spec.capsule}_{scale}x_out",
@@ -155,6 +158,8 @@ def measure(spec: TreeSpec, work: Path, scales: tuple[int, ...]) -> dict[str, di
         crawl_s = crawl_tree(overrides)
         epoch = epoch_in_subprocess(overrides)
         files, size = sum(1 for p in root.iterdir() if p.is_file()), tree_bytes(root)
+        if scale == STATS_SCALE:
+            passes[f"{spec.capsule}_stats_pass"] = stats_speedup(spec, overrides, files, size)
         shutil.rmtree(root)
         entry = {"scale": scale, "files": files, "bytes": size, **epoch,
                  "samples_per_s": epoch["samples"] / epoch["seconds"],
@@ -166,7 +171,35 @@ def measure(spec: TreeSpec, work: Path, scales: tuple[int, ...]) -> dict[str, di
               f"({epoch['cpu_seconds']:.1f} CPU s), peak RSS {epoch['peak_rss_mb']:.0f} MiB",
               file=sys.stderr, flush=True)
     add_ratios(entries, f"{spec.capsule}_{scales[0]}x")
-    return entries
+    return {**entries, **passes}
+
+
+def stats_speedup(spec: TreeSpec, overrides: list[str], files: int, size: int) -> dict[str, Any]:
+    """Wall seconds of the statistics pass over one tree in 1 and 2 worker processes (best of
+    `EPOCHS`, in turns; the state cache off), the speed-up, and what Amdahl's law gives for 16
+    processes with the serial share those two imply (merging in the parent, start-up)."""
+    from ebm_vae.capsules import visible_capsules
+    from ebm_vae.crawl.manifest import read_manifest
+    from ebm_vae.data.stats import run_stats_pass
+
+    best = {}
+    for _ in range(EPOCHS):
+        for workers in (1, 2):
+            cfg = compose("train", [*overrides, f"crawl.stats_workers={workers}", "data.cache=off"])
+            manifest = read_manifest(cfg.paths.index)
+            start = time.perf_counter()
+            run_stats_pass(manifest, visible_capsules()[spec.capsule], cfg.paths.index, cfg, cache=None)
+            best[workers] = min(best.get(workers, math.inf), time.perf_counter() - start)
+    speedup = best[1] / best[2]
+    parallel = min(1.0, max(0.0, 2.0 * (1.0 - 1.0 / speedup)))  # Amdahl: S(2) = 1 / (1 - p + p / 2)
+    entry = {"files": files, "bytes": size, "seconds_1_process": best[1], "seconds_2_processes": best[2],
+             "speedup_2": speedup, "parallel_share": parallel,
+             "expected_speedup_16": 1.0 / (1.0 - parallel + parallel / 16), "ratio": speedup,
+             "mb_per_s_1_process": size / best[1] / 1e6, "cpus": os.cpu_count(),
+             "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    print(f"statistics pass {spec.capsule}: {best[1]:.1f} s in 1 process, {best[2]:.1f} s in 2: x{speedup:.2f} "
+          f"(x{entry['expected_speedup_16']:.1f} expected at 16)", file=sys.stderr, flush=True)
+    return entry
 
 
 def add_ratios(entries: dict[str, dict[str, Any]], baseline_key: str) -> None:
@@ -190,6 +223,8 @@ def markdown_table(entries: dict[str, dict[str, Any]]) -> str:
             "| samples x | time/sample x | CPU time/sample x | peak RSS x |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, e in entries.items():
+        if "samples" not in e:  # a statistics pass's speed-up (printed as it is measured)
+            continue
         rows.append(f"| {key} | {e['files']} | {e['bytes'] / 1e6:.0f} | {e['samples']:,} "
                     f"| {e['seconds']:.1f} ({e['cpu_seconds']:.1f}) | {e['samples_per_s']:,.0f} "
                     f"| {e['peak_rss_mb']:.0f} | {e['samples_ratio']:.1f} "

@@ -239,7 +239,7 @@ class CsvHandle(TableHandle):
         stop = self.extent if stop is None else stop
         block_bytes = int(min(64 << 20, max(64 << 10, batch_rows * self._layout.line_bytes)))
         for block in self._lines.blocks(start, stop, self._layout.data_start, block_bytes):
-            if not block.strip():
+            if block.isspace():  # stops at the first character that is not space: no copy
                 continue
             arrays = self._to_numpy(block, columns)
             n = len(arrays[columns[0]]) if columns else 0
