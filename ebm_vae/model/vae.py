@@ -136,8 +136,9 @@ class VAE(L.LightningModule):
 
     @property
     def _max_rows(self) -> int:
-        """Decoder rows per call when evaluating bounds, sized to the state and the widths."""
-        per_row = 8 * self.state_info.dim + self.hparams.hidden * self.hparams.n_layers
+        """Decoder rows per call when evaluating bounds, sized to the model coordinates the
+        decoder outputs (the principal coefficients of a field, not its pixels) and the widths."""
+        per_row = 8 * math.prod(self.transform.out_shape) + self.hparams.hidden * self.hparams.n_layers
         return max(1, ROW_BUDGET // per_row)
 
     @torch.no_grad()
@@ -179,13 +180,15 @@ class VAE(L.LightningModule):
         return bound
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n states drawn from the model's density, (n, D) float32 in physical units."""
+    def sample(self, n: int, generator: torch.Generator | None = None, *, physical: bool = True) -> Tensor:
+        """n states drawn from the model's density, (n, D) float32 in physical units; with
+        `physical=False` the model coordinates u (n, *transform.out_shape) the core drew (what a
+        marginal map integrates over, without building full field states)."""
         device = self.norm_mean.device
         z = torch.randn((n, self.hparams.latent_dim), generator=generator, device=device)
         mean, logvar = self.decode(z)
         u = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator, device=device)
-        return self.transform.inverse(u, generator)
+        return self.transform.inverse(u, generator) if physical else u
 
     # -- training -----------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from ebm_vae import __version__
 from ebm_vae.config import CapsuleConfig, to_container
 from ebm_vae.data.extractors.base import StateInfo
-from ebm_vae.energy.grid import GridStats, StateGrid
+from ebm_vae.energy.grid import GridStats, StateGrid, default_axes
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,21 @@ class MapRequest:
                                counted=counted, bounds=bounds)
 
 
+QUANTITIES = ("marginal", "slice")
+
+
 def wants_slice(export: DictConfig, state: StateInfo, n_axes: int) -> bool:
     """Whether the map is a slice through a state with more components than map axes (a
-    quantity no histogram can count); otherwise the map is the marginal of its axes."""
-    return state.dim > n_axes
+    quantity no histogram can count); otherwise it is the marginal of its axes (which for a
+    state with no more components than axes is the density itself)."""
+    if export.quantity not in (None, *QUANTITIES):
+        raise ValueError(f"export.quantity must be one of {', '.join(QUANTITIES)} (or null), got '{export.quantity}'")
+    return export.quantity == "slice" and state.dim > n_axes
+
+
+def map_axes(export: DictConfig, state: StateInfo, stats: GridStats) -> list[str]:
+    """The map's axis names: `export.axes`, or the default ones."""
+    return list(export.axes) if export.axes else default_axes(state, stats)
 
 
 def vae_grid_stats(vae, index_stats) -> GridStats:
@@ -109,11 +120,12 @@ def vae_grid_stats(vae, index_stats) -> GridStats:
                      quantiles=index_stats.quantiles if same_basis else None)
 
 
-def map_metadata(capsule: CapsuleConfig, grid: StateGrid, *, method: str, k: int | None,
+def map_metadata(capsule: CapsuleConfig, grid: StateGrid, *, method: str, k: int | None, quantity: str,
                  definition: str, source_files: list, checkpoint: dict | None,
                  normalization: dict, extra: dict[str, Any]) -> dict[str, Any]:
     return {
         "capsule": capsule.name,
+        "quantity": quantity,
         "axes": [{"name": a.name, "unit": a.unit, "limits": [a.values[0], a.values[-1]],
                   "points": len(a.values), ("pc" if grid.on_pcs else "component"): a.index}
                  for a in grid.axes],
