@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ebm_vae.callbacks import ValidateAtEnd
 from ebm_vae.data.extractors.base import StateInfo
 from ebm_vae.model.bounds import elbo_terms, iwae_bound
 from ebm_vae.model.networks import build_networks
 from ebm_vae.model.vae import VAE
-from ebm_vae.train import ValidateAtEnd
 
 VECTOR = StateInfo("vector", (3,), ("a", "b", "c"), ("m", "s", "K")).to_dict()
 

@@ -34,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor
 
 from ebm_vae.energy.mixture import ConditionalMixture, GaussianMixture
+from ebm_vae.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ ROWS_PER_CALL = 65536  # model evaluations per call
 PROPOSAL_ELEMENTS = 2**22  # float64 elements of the proposal's largest intermediate (32 MB)
 
 
-class MarginalError(ValueError):
+class MarginalError(ConfigError):
     """A marginal map this model cannot give; the message says what to do instead."""
 
 

@@ -13,6 +13,7 @@ import logging
 
 from ebm_vae.energy.mapfile import EnergyMap
 from ebm_vae.energy.methods.common import MapRequest, map_axes, vae_grid_stats, wants_slice
+from ebm_vae.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def make_map(request: MapRequest) -> EnergyMap:
         return histogram_map(request)
     if method == "auto":
         return auto_map(request)
-    raise ValueError(f"export.method must be one of {', '.join(METHODS)}, got '{method}'")
+    raise ConfigError(f"export.method must be one of {', '.join(METHODS)}, got '{method}'")
 
 
 def vae_map(request: MapRequest) -> EnergyMap:
