@@ -41,8 +41,10 @@ def test_vae_export_writes_the_contract(trained, demo_index):
     assert out == trained / "energy_maps" / "grid.npz"
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     with np.load(out, allow_pickle=False) as data:
-        assert sorted(data.files) == ["axis_0", "axis_1", "energy_map", "metadata"]
+        assert sorted(data.files) == ["axis_0", "axis_1", "energy_map", "energy_std", "metadata", "support"]
         assert data["energy_map"].dtype == np.float32 and data["energy_map"].shape == (12, 12)
+        assert data["energy_std"].dtype == np.float32 and data["energy_std"].shape == (12, 12)
+        assert data["support"].dtype == np.float32 and data["support"].shape == (12, 12)
         assert data["axis_0"].dtype == np.float64
         meta = json.loads(str(data["metadata"][()]))
     assert meta["capsule"] == "grid" and meta["method"] == "vae-iwae" and meta["k"] == 4
@@ -60,6 +62,11 @@ def test_vae_export_writes_the_contract(trained, demo_index):
     assert stats.min[0] - margin <= lo < stats.mean[0] < hi <= stats.max[0] + margin
     energy_map = EnergyMap.load(out)
     assert np.all(np.isfinite(energy_map.energy_map))
+    # how sure: the ensemble's spread and the Monte Carlo error; where the training data lies
+    assert np.all(energy_map.energy_std > 0) and meta["uncertainty"]["k"] == 4
+    assert meta["uncertainty"]["k_max_used"] >= 4 and "k_raised_fraction" in meta["uncertainty"]
+    assert meta["support"]["reservoir_states"] > 0 and meta["support"]["training_samples"] > 0
+    assert energy_map.support.max() > 0 and energy_map.support.sum() > 0
     # the phase never leaves the observed range (no map of where no state can be)
     assert stats.min[1] <= meta["axes"][1]["limits"][0] < meta["axes"][1]["limits"][1] <= stats.max[1]
     assert [a["component"] for a in meta["axes"]] == [0, 1]
@@ -95,7 +102,7 @@ def test_field_state_slices_onto_principal_components(trained, demo_index, tmp_p
     np.testing.assert_allclose(m.pc_origin, stats.mean + 0.5 * stats.pca["components"][2], atol=1e-5)
     np.testing.assert_allclose(m.project(m.pc_origin[None] + 0.3 * stats.pca["components"][:1]), [[0.3, 0.0]],
                                atol=1e-6)
-    assert m.metadata["quantity"] == "slice" and m.energy_std is None
+    assert m.metadata["quantity"] == "slice" and m.energy_std.shape == (6, 6)
 
 
 def test_field_state_maps_default_to_the_marginal(trained, demo_index, tmp_path, caplog):
@@ -109,7 +116,10 @@ def test_field_state_maps_default_to_the_marginal(trained, demo_index, tmp_path,
     assert marginal["coordinates"].startswith("model coordinates of PrincipalField")
     assert marginal["exact_axes"] == [0, 1] and marginal["inner_k"] == 2
     assert np.all(np.isfinite(m.energy_map)) and m.energy_std.shape == (6, 6)
-    assert np.all((m.energy_std >= 0) & (m.energy_std < 1.0))
+    assert np.all(np.isfinite(m.energy_std) & (m.energy_std >= 0))
+    uncertainty = m.metadata["uncertainty"]  # a few steps of a 4-member ensemble: they disagree
+    assert uncertainty["spread_median_nats"] > 0 and uncertainty["std_median_nats"] >= uncertainty["spread_median_nats"]
+    assert m.support.shape == (6, 6) and m.metadata["support"]["reservoir_states"] > 0
     np.testing.assert_allclose(m.pc_origin, stats.mean, rtol=1e-6)  # nothing held: the origin is the mean
     # the marginal density integrates to about the mass on the grid (at most 1)
     volume = np.prod([a[1] - a[0] for a in m.axes])

@@ -113,19 +113,20 @@ def test_marginal_matches_the_exact_marginal(name, dim):
     else:
         lo, hi = x.min(axis=0) - 1.0, x.max(axis=0) + 1.0
         truth = quadrature_marginal(density, points, lo, hi, nodes=801)
-    k = 64
-    result = marginal_energy(exact_coordinates(density), points, k=k, seed=0)
-    mae, holes = score(result.energy, truth)
+    estimate, _ = marginal_energy(exact_coordinates(density), points, k=64, seed=0)
+    mae, holes = score(estimate.energy, truth)
     # beside it: counting the model's samples, with as many samples as the integrator's evaluations
-    naive_mae, naive_holes = score(sample_histogram(x[: int(result.draws.sum())], axes), truth)
+    budget = int(estimate.k.sum())
+    naive_mae, naive_holes = score(sample_histogram(x[:budget], axes), truth)
     gaussian_mae, _ = score(gaussian_marginal(x, points), truth)
     print(f"{name} D={dim}: marginal {mae:.3f} nats ({holes} holes), histogram of "
-          f"{int(result.draws.sum()):,} samples {naive_mae:.3f} ({naive_holes} holes), one Gaussian {gaussian_mae:.3f}")
+          f"{budget:,} samples {naive_mae:.3f} ({naive_holes} holes), one Gaussian {gaussian_mae:.3f}")
     assert holes == 0 and mae <= BUDGET
     assert mae < naive_mae and mae < gaussian_mae
-    # the reported standard error is the size of the actual error
+    # the reported standard error is the size of the actual error; one model: no spread
     region = truth <= truth.min() + REGION
-    assert 0.3 < np.mean(np.abs(result.energy - truth)[region]) / np.mean(result.stderr[region]) < 3.0
+    assert 0.3 < np.mean(np.abs(estimate.energy - truth)[region]) / np.mean(estimate.stderr[region]) < 3.0
+    assert np.all(estimate.spread == 0) and np.allclose(estimate.std, estimate.stderr)
 
 
 @pytest.mark.slow
@@ -136,9 +137,9 @@ def test_marginal_of_a_6d_boltzmann_density_by_quadrature():
     points, axes = map_points(x, resolution=12)
     lo, hi = x.min(axis=0) - 0.5, x.max(axis=0) + 0.5
     truth = quadrature_marginal(density, points, lo, hi, nodes=22)
-    result = marginal_energy(exact_coordinates(density), points, k=64, seed=0)
-    mae, holes = score(result.energy, truth)
-    naive_mae, _ = score(sample_histogram(x[: int(result.draws.sum())], axes), truth)
+    estimate, _ = marginal_energy(exact_coordinates(density), points, k=64, seed=0)
+    mae, holes = score(estimate.energy, truth)
+    naive_mae, _ = score(sample_histogram(x[: int(estimate.k.sum())], axes), truth)
     print(f"boltzmann D=6: marginal {mae:.3f} nats, histogram of the same budget {naive_mae:.3f}")
     assert holes == 0 and mae <= BUDGET and mae < naive_mae
 
@@ -148,7 +149,7 @@ def test_more_draws_tighten_the_bound():
     density = make_density("mixture", 3, seed=0)
     points, _ = map_points(density.sample(50_000, np.random.default_rng(1)), resolution=8)
     truth = mixture_marginal(density, points)
-    bias = {k: np.mean([marginal_energy(exact_coordinates(density), points, k=k, seed=s).energy - truth
+    bias = {k: np.mean([marginal_energy(exact_coordinates(density), points, k=k, seed=s)[0].energy - truth
                         for s in range(3)]) for k in (2, 64)}
     assert bias[2] > bias[64] > -0.02
 
@@ -156,7 +157,9 @@ def test_more_draws_tighten_the_bound():
 # -- a VAE as the model -----------------------------------------------------------------------
 
 def untrained_vae(state: StateInfo, stats, **kwargs) -> VAE:
+    """A VAE with random weights: a density like any other (one member, N(0, I) prior unless asked)."""
     torch.manual_seed(0)
+    kwargs = {"members": 1, "prior": "standard", **kwargs}
     vae = VAE(state.to_dict(), capsule={"name": "toy"}, hidden=32, **kwargs)
     vae.set_normalization(stats)
     return vae.eval()
@@ -171,15 +174,15 @@ def compare_with_own_samples(vae, grid: StateGrid, k: int = 64, samples: int = 4
     offsets = (np.arange(sub) + 0.5) / sub - 0.5
     fine = [(c[:, None] + offsets[None] * (c[1] - c[0])).ravel() for c in centres]
     mesh = np.stack(np.meshgrid(*fine, indexing="ij"), -1).reshape(-1, 2)
-    result = marginal_energy(vae_coordinates(vae, rows, origin), mesh, k=k, seed=0)
-    per_bin = np.exp(-result.energy).reshape(len(centres[0]), sub, len(centres[1]), sub).mean(axis=(1, 3))
+    estimate, info = marginal_energy(vae_coordinates(vae, rows, origin), mesh, k=k, seed=0)
+    per_bin = np.exp(-estimate.energy).reshape(len(centres[0]), sub, len(centres[1]), sub).mean(axis=(1, 3))
     generator = torch.Generator().manual_seed(1)
     x = torch.cat([vae.sample(20_000, generator) for _ in range(samples // 20_000)]).double().numpy()
     counted = sample_histogram((x - origin) @ rows.T, centres)
     volume = np.prod([c[1] - c[0] for c in centres])
     dense = np.exp(-counted) * samples * volume >= 100
     error = (-np.log(per_bin).ravel() - counted)[dense]
-    return float(np.mean(np.abs(error))), float(np.mean(error)), result
+    return float(np.mean(np.abs(error))), float(np.mean(error)), estimate, info
 
 
 def test_vae_marginal_of_a_vector_state_equals_its_own_samples():
@@ -187,10 +190,24 @@ def test_vae_marginal_of_a_vector_state_equals_its_own_samples():
     stats = SimpleNamespace(mean=np.array([1.0, -2.0, 0.0, 5.0]), std=np.array([0.5, 2.0, 1.0, 3.0]))
     vae = untrained_vae(state, stats)
     grid = StateGrid.build(state, GridStats(mean=stats.mean, std=stats.std), axes=["b", "d"], resolution=10)
-    mae, bias, result = compare_with_own_samples(vae, grid)
+    mae, bias, _, info = compare_with_own_samples(vae, grid)
     print(f"vector VAE: marginal vs its own samples {mae:.3f} nats (bias {bias:+.3f})")
     assert mae < 0.06 and abs(bias) < 0.03
-    assert result.info["coordinates"].startswith("model coordinates of Standardize")
+    assert info["coordinates"].startswith("model coordinates of Standardize")
+
+
+def test_ensemble_marginal_is_the_members_mixture_with_their_spread():
+    """Two members with flow priors: the marginal of their mixture, and a spread between them."""
+    state = StateInfo(kind="vector", shape=(3,), names=("a", "b", "c"), units=("m",) * 3)
+    stats = SimpleNamespace(mean=np.zeros(3), std=np.ones(3))
+    vae = untrained_vae(state, stats, members=2, prior="flow", bootstrap=False)
+    grid = StateGrid.build(state, GridStats(mean=stats.mean, std=stats.std), axes=["a", "c"], resolution=8)
+    mae, bias, estimate, info = compare_with_own_samples(vae, grid, samples=200_000)
+    print(f"ensemble VAE: marginal vs its own samples {mae:.3f} nats (bias {bias:+.3f}), "
+          f"median spread {np.median(estimate.spread):.3f}")
+    assert info["members"] == 2 and mae < 0.08 and abs(bias) < 0.05
+    assert np.median(estimate.spread) > 0.05  # two random members disagree
+    np.testing.assert_allclose(estimate.std, np.hypot(estimate.spread, estimate.stderr))
 
 
 @pytest.mark.parametrize("axes,kind", [(["pc1", "pc2"], "exact"), (["pc2", "pc5"], "residual"),
@@ -207,11 +224,10 @@ def test_vae_marginal_of_a_principal_field_equals_its_own_samples(axes, kind):
     vae = untrained_vae(state, stats, stats_meta={"field_rank": 3})
     grid_stats = GridStats(mean=stats.mean, std=stats.std, pca_components=basis, pca_std=np.sqrt(eigenvalues))
     grid = StateGrid.build(state, grid_stats, axes=axes, resolution=10)
-    mae, bias, result = compare_with_own_samples(vae, grid)
+    mae, bias, _, info = compare_with_own_samples(vae, grid)
     print(f"field VAE {axes}: marginal vs its own samples {mae:.3f} nats (bias {bias:+.3f})")
     assert mae < 0.06 and abs(bias) < 0.03
-    used = {"exact": result.info["exact_axes"], "residual": result.info["residual_axes"],
-            "kernel": result.info["kernel_axes"]}
+    used = {"exact": info["exact_axes"], "residual": info["residual_axes"], "kernel": info["kernel_axes"]}
     assert {"exact": [0, 1], "residual": [1], "kernel": [0, 1]}[kind] == used[kind]
 
 

@@ -19,6 +19,9 @@ measured accuracy are in docs/ARCHITECTURE.md, "Marginal maps". In short:
   an upper bound on F that tightens as k grows, as an importance-weighted bound does.
 - The Monte Carlo standard error of F at each grid point comes from its k weights (delta
   method); points where it exceeds `TARGET_STDERR` get more draws, up to `MAX_K_FACTOR` x k.
+- An ensemble's density is the mixture of its members': the same draws weigh every member, so
+  the marginal of each member comes at no extra cost, and their spread (less their own Monte
+  Carlo noise) is the epistemic uncertainty, as `ebm_vae.energy.evaluate` defines it.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
+from ebm_vae.energy.evaluate import EnergyEstimate
 from ebm_vae.energy.mixture import ConditionalMixture, GaussianMixture
 from ebm_vae.errors import ConfigError
 
@@ -57,10 +61,15 @@ class MarginalError(ConfigError):
 
 @dataclass
 class ModelCoordinates:
-    """The density to integrate: p_y over coordinates y (m), and the axes a = offset + matrix y + e."""
+    """The density to integrate: p_y over coordinates y (m), and the axes a = offset + matrix y + e.
+
+    `log_density` gives, per ensemble member (M rows; a single model is M = 1, and a 1-D result
+    is read as one member), the log of an unbiased estimate of that member's density; the
+    model's density is the members' equal-weight mixture.
+    """
 
     dim: int
-    log_density: Callable[[Tensor, torch.Generator], Tensor]  # (N, m) f64 -> (N,) f64, log of an unbiased estimate
+    log_density: Callable[[Tensor, torch.Generator], Tensor]  # (N, m) f64 -> (M, N) or (N,) f64
     sample: Callable[[int, torch.Generator], Tensor]  # n -> (n, m) f64 draws of y from the model
     offset: Tensor  # (n,)
     matrix: Tensor  # (n, m)
@@ -69,33 +78,54 @@ class ModelCoordinates:
 
 
 @dataclass
-class MarginalResult:
-    energy: np.ndarray  # (G,) F in nats
-    stderr: np.ndarray  # (G,) Monte Carlo standard error of F in nats
-    draws: np.ndarray  # (G,) draws used per grid point
-    info: dict = field(default_factory=dict)
+class _Sums:
+    """Running log-sums of the importance weights and of their squares, per grid point (..., G)."""
+
+    total: Tensor
+    total_sq: Tensor
+
+    @classmethod
+    def empty(cls, *shape: int) -> _Sums:
+        return cls(torch.full(shape, -math.inf, dtype=torch.float64), torch.full(shape, -math.inf, dtype=torch.float64))
+
+    def add(self, index: Tensor, log_w: Tensor) -> None:
+        """Fold in the weights log_w (..., len(index), draws) of the grid points `index`."""
+        self.total[..., index] = torch.logaddexp(self.total[..., index], torch.logsumexp(log_w, dim=-1))
+        self.total_sq[..., index] = torch.logaddexp(self.total_sq[..., index], torch.logsumexp(2 * log_w, dim=-1))
+
+    def log_mean(self, draws: Tensor) -> Tensor:
+        return self.total - torch.log(draws.double())
+
+    def stderr(self, draws: Tensor) -> Tensor:
+        """Delta-method standard error of log(mean w): sqrt((n sum w^2 / (sum w)^2 - 1) / (n - 1))."""
+        n = draws.double()
+        relative_var = torch.expm1(self.total_sq + torch.log(n) - 2 * self.total).clamp(min=0.0)
+        return torch.sqrt(relative_var / (n - 1).clamp(min=1))
 
 
 def marginal_energy(coords: ModelCoordinates, points: np.ndarray, k: int, seed: int = 0,
-                    progress: bool = False, description: str = "marginal") -> MarginalResult:
-    """F(a) = -log p(a) in nats at the grid points (G, n) of the axes, from the model alone."""
+                    progress: bool = False, description: str = "marginal") -> tuple[EnergyEstimate, dict]:
+    """F(a) = -log p(a) in nats at the grid points (G, n) of the axes, from the model alone.
+
+    Returns an `EnergyEstimate` (energy; stderr: the Monte Carlo standard error; spread: the
+    members' epistemic spread; std: both; k: draws per point) and an account of the integration.
+    """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     generator = torch.Generator().manual_seed(int(seed))
     points = torch.as_tensor(np.asarray(points, dtype=np.float64))
     plan = _Plan.of(coords)
+    g = len(points)
     if not plan.kernel and not bool(plan.exact.any()):  # only residual axes: the model integrates to 1
         energy = -plan.residual_log_density(points).numpy()
-        return MarginalResult(energy, np.zeros_like(energy), np.zeros(len(energy), dtype=np.int64),
-                              {"coordinates": coords.description, "integrated_dims": 0,
-                               "residual_axes": plan.residual_axes})
+        zeros = np.zeros_like(energy)
+        return (EnergyEstimate(energy, zeros, zeros, zeros, np.zeros(g, dtype=np.int64), k, k, TARGET_STDERR),
+                {"coordinates": coords.description, "integrated_dims": 0, "residual_axes": plan.residual_axes})
     mixture, components = _fit_proposal(coords, generator)
     proposal = plan.proposal(mixture)
     defensive = plan.proposal(mixture.broadened(DEFENSIVE_SCALE))
     observed = plan.observed(points)
-    g = len(points)
-    total = torch.full((g,), -math.inf, dtype=torch.float64)  # log sum of weights
-    total_sq = torch.full((g,), -math.inf, dtype=torch.float64)  # log sum of squared weights
+    ensemble, members = _Sums.empty(g), None
     draws = torch.zeros(g, dtype=torch.int64)
     # grid points per pass: ROWS_PER_CALL model rows, and the proposal's (points, draws, components,
     # dims) differences within PROPOSAL_ELEMENTS
@@ -109,30 +139,39 @@ def marginal_energy(coords: ModelCoordinates, points: np.ndarray, k: int, seed: 
             for start in range(0, len(pending), chunk):
                 index = pending[start:start + chunk]
                 log_w = _weights(coords, plan, proposal, defensive, observed[index], points[index], k, generator)
-                total[index] = torch.logaddexp(total[index], torch.logsumexp(log_w, dim=1))
-                total_sq[index] = torch.logaddexp(total_sq[index], torch.logsumexp(2 * log_w, dim=1))
+                if members is None:
+                    members = _Sums.empty(len(log_w), g)
+                members.add(index, log_w)  # (M, points, k)
+                ensemble.add(index, torch.logsumexp(log_w, dim=0) - math.log(len(log_w)))
                 draws[index] += k
                 if int(draws[index].min()) == k:
                     bar.advance(task, len(index))
-            pending = _to_refine(total, total_sq, draws, k)
-    log_p = total - torch.log(draws.double())
-    energy = (-log_p + plan.log_scale).numpy() - plan.residual_log_density(points).numpy()
-    stderr = _stderr(total, total_sq, draws).numpy()
-    info = {"coordinates": coords.description, "integrated_dims": plan.free_dim,
+            pending = _to_refine(ensemble, draws, k)
+    shift = plan.log_scale - plan.residual_log_density(points)
+    energy = -ensemble.log_mean(draws) + shift
+    stderr = ensemble.stderr(draws)
+    if members.total.shape[0] > 1:  # as evaluate.combine_members: their variance less their own noise
+        member_energy = -members.log_mean(draws) + shift
+        own = members.stderr(draws).square().mean(dim=0)
+        spread = torch.sqrt((member_energy.var(dim=0) - own).clamp(min=0.0))
+    else:
+        spread = torch.zeros_like(energy)
+    std = torch.sqrt(spread.square() + stderr.square())
+    estimate = EnergyEstimate(energy.numpy(), std.numpy(), stderr.numpy(), spread.numpy(), draws.numpy(),
+                              requested_k=k, max_k=MAX_K_FACTOR * k, target_stderr=TARGET_STDERR)
+    info = {"coordinates": coords.description, "integrated_dims": plan.free_dim, "members": members.total.shape[0],
             "proposal": {"fit_samples": FIT_SAMPLES, "components": components,
                          "defensive_weight": DEFENSIVE_WEIGHT, "defensive_scale": DEFENSIVE_SCALE},
-            "k": k, "k_max": MAX_K_FACTOR * k, "target_stderr_nats": TARGET_STDERR,
-            "points_refined": int((draws > k).sum()), "exact_axes": plan.exact_axes,
-            "residual_axes": plan.residual_axes, "kernel_axes": plan.kernel_axes}
-    return MarginalResult(energy, stderr, draws.numpy(), info)
+            "exact_axes": plan.exact_axes, "residual_axes": plan.residual_axes, "kernel_axes": plan.kernel_axes}
+    return estimate, info
 
 
 def _weights(coords, plan, proposal, defensive, observed, points, k, generator) -> Tensor:
-    """log importance weights (G, k): log p_y(y) (+ kernel) - log q, draws from the proposal."""
+    """log importance weights (M, G, k) per member: log p_y(y) (+ kernel) - log q, draws from the proposal."""
     g = len(observed)
     if plan.free_dim == 0:  # nothing to integrate: the density on the axes' point itself
         y = plan.state(observed, torch.zeros(g, k, 0, dtype=torch.float64))
-        return coords.log_density(y.reshape(g * k, -1), generator).view(g, k)
+        return _member_rows(coords.log_density(y.reshape(g * k, -1), generator)).view(-1, g, k)
     mix_w, mix_means = proposal.at(observed)
     def_w, def_means = defensive.at(observed)
     from_defensive = torch.rand((g, k), generator=generator, dtype=torch.float64) < DEFENSIVE_WEIGHT
@@ -141,23 +180,20 @@ def _weights(coords, plan, proposal, defensive, observed, points, k, generator) 
     log_q = torch.logaddexp(math.log1p(-DEFENSIVE_WEIGHT) + proposal.log_prob(w, mix_w, mix_means),
                             math.log(DEFENSIVE_WEIGHT) + defensive.log_prob(w, def_w, def_means))
     y = plan.state(observed, w)
-    log_p = coords.log_density(y.reshape(g * k, -1), generator).view(g, k)
+    log_p = _member_rows(coords.log_density(y.reshape(g * k, -1), generator)).view(-1, g, k)
     return log_p + plan.kernel_log_density(points, y) - log_q
 
 
-def _stderr(total: Tensor, total_sq: Tensor, draws: Tensor) -> Tensor:
-    """Delta-method standard error of log(mean w) from the sums of w and w^2 (0 for one draw)."""
-    n = draws.double()
-    relative_var = torch.expm1(total_sq + torch.log(n) - 2 * total).clamp(min=0.0) / (n - 1).clamp(min=1)
-    return torch.sqrt(relative_var)
+def _member_rows(log_p: Tensor) -> Tensor:
+    return log_p.double()[None] if log_p.dim() == 1 else log_p.double()
 
 
-def _to_refine(total: Tensor, total_sq: Tensor, draws: Tensor, k: int) -> Tensor:
+def _to_refine(ensemble: _Sums, draws: Tensor, k: int) -> Tensor:
     """Grid points near the minimum whose standard error is above target and k not yet at its cap."""
-    energy = -(total - torch.log(draws.double()))
-    near = energy <= energy[torch.isfinite(energy)].min() + REFINE_NATS if torch.isfinite(energy).any() \
-        else torch.ones_like(energy, dtype=torch.bool)
-    noisy = (_stderr(total, total_sq, draws) > TARGET_STDERR) | ~torch.isfinite(energy)
+    energy = -ensemble.log_mean(draws)
+    finite = torch.isfinite(energy)
+    near = energy <= energy[finite].min() + REFINE_NATS if finite.any() else torch.ones_like(finite)
+    noisy = (ensemble.stderr(draws) > TARGET_STDERR) | ~finite
     return torch.nonzero(near & noisy & (draws < MAX_K_FACTOR * k)).flatten()
 
 

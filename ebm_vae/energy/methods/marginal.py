@@ -26,7 +26,14 @@ import torch
 
 from ebm_vae.energy.mapfile import EnergyMap
 from ebm_vae.energy.marginal import MarginalError, ModelCoordinates, marginal_energy
-from ebm_vae.energy.methods.common import MapRequest, map_metadata, normalization, vae_grid_stats
+from ebm_vae.energy.methods.common import (
+    MapRequest,
+    map_metadata,
+    normalization,
+    support_map,
+    support_metadata,
+    vae_grid_stats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +60,8 @@ def marginal_map(request: MapRequest) -> EnergyMap:
                         bounds=vae.hparams.capsule.get("bounds") or {})
     rows, origin = axis_rows(grid)
     coords = vae_coordinates(vae, rows, origin, seed=int(ex.seed))
-    result = marginal_energy(coords, grid.points(0, grid.n_points), k=int(ex.k), seed=int(ex.seed),
-                             progress=ex.progress, description=f"marginal {request.capsule.name}")
+    estimate, info = marginal_energy(coords, grid.points(0, grid.n_points), k=int(ex.k), seed=int(ex.seed),
+                                     progress=ex.progress, description=f"marginal {request.capsule.name}")
     meta = vae.hparams.stats_meta
     metadata = map_metadata(
         request.capsule, grid, method="vae-iwae", k=int(ex.k), quantity="marginal", definition=DEFINITION,
@@ -62,15 +69,13 @@ def marginal_map(request: MapRequest) -> EnergyMap:
         normalization=normalization(vae.state_info, grid.stats, float(vae.log_jacobian)),
         extra={"seed": int(ex.seed), "training_samples": meta.get("count"),
                "statistics_created": meta.get("created"),
-               "marginal": {**result.info, "inner_k": INNER_K,
-                            "draws_per_point": {"min": int(result.draws.min()), "max": int(result.draws.max())},
-                            "stderr_nats": {"median": float(np.median(result.stderr)),
-                                            "max": float(np.max(result.stderr))}}},
+               "marginal": {**info, "inner_k": INNER_K}, "uncertainty": estimate.summary(),
+               **support_metadata(vae, grid)},
     )
     metadata["reference_state"] = {}  # nothing is held: every off-axis direction is integrated
     pcs = {"pc_vectors": rows, "pc_origin": origin} if grid.on_pcs else {}
-    return EnergyMap(result.energy.reshape(grid.shape), [a.values for a in grid.axes], metadata,
-                     energy_std=result.stderr.reshape(grid.shape), **pcs)
+    return EnergyMap(estimate.energy.reshape(grid.shape), [a.values for a in grid.axes], metadata,
+                     energy_std=estimate.std.reshape(grid.shape), support=support_map(vae, grid), **pcs)
 
 
 def axis_rows(grid) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +108,7 @@ def vae_coordinates(vae, rows: np.ndarray, origin: np.ndarray, seed: int = 0) ->
 
         def log_density(y, g):
             u = y.to(device, torch.float32).reshape(len(y), *shape)
-            return vae.log_prob_bound(u, k=INNER_K, generator=generator(g)).double().cpu()
+            return vae.member_bounds(u, k=INNER_K, generator=generator(g))[0].double().cpu()
 
         def sample(n, g):
             if "physical" in inspect.signature(vae.sample).parameters:  # the core's own draws of u
@@ -120,7 +125,7 @@ def vae_coordinates(vae, rows: np.ndarray, origin: np.ndarray, seed: int = 0) ->
 
     def log_density_x(y, g):
         x = (mean + y.to(device) * std).float()
-        return vae.log_prob(x, k=INNER_K, generator=generator(g)).double().cpu() + log_std
+        return vae.member_log_prob(x, k=INNER_K, generator=generator(g))[0].double().cpu() + log_std
 
     def sample_x(n, g):
         return ((draw(n, g).double() - mean) / std).cpu()
