@@ -238,3 +238,35 @@ def test_a_model_of_too_many_coordinates_is_refused_with_advice():
     rows = np.eye(81)[:2]
     with pytest.raises(MarginalError, match="export.quantity=slice"):
         marginal_energy(vae_coordinates(vae, rows, np.zeros(81)), np.zeros((1, 2)), k=4)
+
+
+@pytest.mark.slow
+def test_marginal_map_agrees_with_the_histogram_of_demo_fields(tmp_path):
+    """The demo's fusion planes through crawl -> train -> export: the learned marginal beside
+    the histogram of the same data, in the bins that hold >= 25 states (Poisson <= 0.2 nats)."""
+    from ebm_vae import demo
+    from ebm_vae.config import compose
+    from ebm_vae.crawl.crawl import crawl
+    from ebm_vae.energy.mapfile import EnergyMap
+    from ebm_vae.export import export
+    from ebm_vae.train import train
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    for seed in range(3):
+        demo.write_fusion_plain(data / f"plasma_shot_{seed}.h5", n_time=800, n=16, nz=4, seed=seed)
+    crawl(compose("crawl", [f"data.root={data}", f"paths.root={out}", "crawl.workers=1", "crawl.progress=false"]))
+    train(compose("train", ["capsule=fusion", f"data.root={data}", f"paths.root={out}", "trainer.max_steps=600",
+                            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]))
+    maps = {}
+    for method in ("vae", "histogram"):
+        maps[method] = EnergyMap.load(export(compose("export", [
+            "capsule=fusion", f"paths.root={out}", f"export.method={method}", "export.resolution=24",
+            "export.k=64", "export.progress=false", "export.plot=false", f"export.out={out}/{method}.npz"])))
+    learned, counted = maps["vae"], maps["histogram"]
+    assert learned.metadata["quantity"] == counted.metadata["quantity"] == "marginal"
+    np.testing.assert_allclose(learned.axes[0], counted.axes[0])
+    dense = counted.support >= 25
+    error = (learned.energy_map - counted.energy_map)[dense]
+    print(f"demo fusion, 24 x 24: learned marginal vs histogram over {dense.sum()} bins: "
+          f"MAE {np.mean(np.abs(error)):.3f} nats, bias {np.mean(error):+.3f}")
+    assert np.all(np.isfinite(learned.energy_map[dense])) and np.mean(np.abs(error)) < 0.5

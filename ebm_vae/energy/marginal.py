@@ -97,10 +97,11 @@ class _Sums:
         return self.total - torch.log(draws.double())
 
     def stderr(self, draws: Tensor) -> Tensor:
-        """Delta-method standard error of log(mean w): sqrt((n sum w^2 / (sum w)^2 - 1) / (n - 1))."""
+        """Delta-method standard error of log(mean w): sqrt((n sum w^2 / (sum w)^2 - 1) / (n - 1));
+        nan after a single draw (nothing to tell it by)."""
         n = draws.double()
         relative_var = torch.expm1(self.total_sq + torch.log(n) - 2 * self.total).clamp(min=0.0)
-        return torch.sqrt(relative_var / (n - 1).clamp(min=1))
+        return torch.where(n > 1, torch.sqrt(relative_var / (n - 1).clamp(min=1)), math.nan)
 
 
 def marginal_energy(coords: ModelCoordinates, points: np.ndarray, k: int, seed: int = 0,
@@ -193,7 +194,8 @@ def _to_refine(ensemble: _Sums, draws: Tensor, k: int) -> Tensor:
     energy = -ensemble.log_mean(draws)
     finite = torch.isfinite(energy)
     near = energy <= energy[finite].min() + REFINE_NATS if finite.any() else torch.ones_like(finite)
-    noisy = (ensemble.stderr(draws) > TARGET_STDERR) | ~finite
+    stderr = ensemble.stderr(draws)
+    noisy = (stderr > TARGET_STDERR) | torch.isnan(stderr) | ~finite
     return torch.nonzero(near & noisy & (draws < MAX_K_FACTOR * k)).flatten()
 
 
