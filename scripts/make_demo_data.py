@@ -5,6 +5,8 @@ a plain layout (~2,900 snapshots of 3 x 16 x 16 on the plane), wafer NetCDF in K
 (~3,600 maps of 32 x 32), grid CSV/Parquet, plus decoys and faulty files.
 `--scale` multiplies sample counts (and files, past the per-file caps) up to GBs.
 `--many-small N` writes N tiny files instead (the crawl benchmark's tree).
+`--config-dir DIR` also writes the `shots` user capsule (DIR/capsule/shots.yaml) and its plasma
+shot log: pass the same `--config-dir DIR` to ebm-vae-crawl, -train and -export.
 Regenerating into the same folder overwrites the files; the content depends only on the seed.
 """
 
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="root of the tree to write (created if missing)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies sample counts (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config-dir", default=None, metavar="DIR",
+                        help="also write the `shots` user capsule here and its shot log into the tree")
     parser.add_argument("--many-small", type=int, metavar="N", default=None,
                         help="write N tiny files (crawl benchmark) instead of the demo tree")
     args = parser.parse_args(argv)
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.many_small is not None:
         summary = make_many_small_files(args.out_dir, n_files=args.many_small, seed=args.seed)
     else:
-        summary = make_demo_tree(args.out_dir, scale=args.scale, seed=args.seed)
+        summary = make_demo_tree(args.out_dir, scale=args.scale, seed=args.seed, config_dir=args.config_dir)
     _print_summary(summary, time.perf_counter() - start)
     return 0
 
