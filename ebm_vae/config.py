@@ -82,6 +82,9 @@ class CrawlConfig:
 @dataclass
 class ExportConfig:
     method: str = "vae"  # vae | histogram | auto (the histogram where counting resolves the map)
+    # marginal (F of the axes, everything else integrated out) | slice (the joint energy through
+    # export.reference); None = marginal, which for a state with no more components than axes is the slice
+    quantity: str | None = None
     k: int = 64  # importance samples; 1 = negative ELBO (see ebm_vae/export.py for the default)
     resolution: int = 128  # grid points per axis
     axes: list[str] | None = None  # state components or pc1, pc2, ...; default: first two / pc1, pc2

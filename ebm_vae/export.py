@@ -1,14 +1,15 @@
 """`ebm-vae-export capsule=NAME`: an energy map `.npz` (+ PNG) from a checkpoint or a histogram.
 
-`export(cfg) -> Path` does the work; `main` is the console script around it. The ways of making
-a map live in `ebm_vae.energy.methods` (one module each); this module only dispatches, writes
-the files and says what it replaced. Every map is E = -log p in nats for the density in
-physical units, so maps of different runs and methods share one absolute scale.
+`export(cfg) -> Path` does the work; `main` is the console script (`ebm_vae.cli.App`). The
+ways of making a map live in `ebm_vae.energy.methods` (one module each); this module only
+dispatches, writes the files and says what it replaced. Every map is E = -log p in nats for
+the density in physical units, so maps of different runs and methods share one absolute scale.
 
 `export.k` (default 64) is the number of importance samples per grid point: k = 1 gives the
 negative ELBO, k > 1 the negative importance-weighted bound, whose gap to -log p shrinks
 roughly like 1/k; on the closed-form test densities (tests/test_accuracy.py) k = 64 removes
-most of the ELBO's excess energy for ~64x its cost, which is still seconds for a 128 x 128 map.
+most of the ELBO's excess energy for ~64x its cost. A marginal map draws k off-axis states per
+grid point, each weighted by the model's bound (docs/ARCHITECTURE.md, "Marginal maps").
 """
 
 from __future__ import annotations
@@ -75,16 +76,18 @@ def _print_export(cfg: DictConfig) -> None:
 
 main = App(
     name="ebm-vae-export", config_name="export", task=_print_export,
-    summary="the energy map E(x) = -log p(x) (nats) of one capsule from its checkpoint or a "
-            "histogram; writes energy_maps/<capsule>.npz and .png under paths.root",
+    summary="the energy map E = -log p (nats) of one capsule from its checkpoint or a histogram; "
+            "writes energy_maps/<capsule>.npz and .png under paths.root",
     usage=("capsule=NAME [ckpt=PATH] [export.k=K] [export.resolution=R] [KEY=VALUE ...]",
            "capsule=NAME export.method=histogram             # exact counts, no checkpoint"),
     choices=("capsule", "preset"),
     overrides=(
         ("ckpt=PATH", "the checkpoint (default: checkpoints/<capsule>/last.ckpt)"),
-        ("export.method=vae|histogram|auto", "the VAE's bound (default), the histogram of the index, "
-                                             "or whichever resolves the map"),
-        ("export.k=K", "importance samples: 1 = negative ELBO, more = a tighter bound (default 64)"),
+        ("export.method=vae|histogram|auto", "the VAE (default), the histogram of the index, or "
+                                             "the histogram where counting resolves the map"),
+        ("export.quantity=marginal|slice", "F of the axes with the rest integrated out (default), "
+                                           "or the joint energy through export.reference"),
+        ("export.k=K", "importance samples per grid point: 1 = negative ELBO, more = a tighter bound (64)"),
         ("export.resolution=R", "grid points per axis"),
         ("export.axes=[a,b]", "the map's axes: state components, or pc1, pc2, ... for fields"),
         ("export.limits=[[lo,hi],[lo,hi]]", "axis limits in physical units (default: from the data)"),

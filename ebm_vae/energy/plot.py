@@ -10,8 +10,8 @@ outside a physical bound) are hatched, unlike clipped high energies. Local minim
 (a star for the global one, crosses for the others) with a legend.
 
 Where the map has them, a second panel shows `energy_std` (the uncertainty of E, nats), and
-low `support` (fewer than `MIN_SUPPORT` training states per bin around a grid point) is
-outlined and hatched on a learned map: there the energy is an extrapolation of the model.
+on a learned map the grid points without `support` (no training state in the window around
+them) are outlined in red and dotted: there the energy is an extrapolation of the model.
 
 2-D maps are a heat map with contours; 1-D maps a line (with a +/- std band); 3-D maps the
 minimum projection onto each pair of axes. Matplotlib's object API with the Agg canvas is
@@ -32,7 +32,6 @@ from ebm_vae.io import atomic_path
 
 SPAN_NATS = 12.0
 MAX_MARKED_MINIMA = 6
-MIN_SUPPORT = 1.0  # training states per bin below which a learned energy is an extrapolation
 HATCH = "////"
 
 
@@ -134,13 +133,13 @@ def _overlays(ax, energy_map, x, y, values, support, minima, pair):
         reason = "empty bin" if energy_map.is_histogram else "outside the model's support"
         handles.append(Patch(facecolor="white", edgecolor="0.6", hatch=HATCH, label=f"E = +inf ({reason})"))
     if support is not None and not energy_map.is_histogram:
-        thin = np.where(np.asarray(support, dtype=np.float64) < MIN_SUPPORT, 1.0, 0.0)
+        thin = np.where(np.asarray(support, dtype=np.float64) <= 0.0, 1.0, 0.0)
         if 0 < thin.sum() < thin.size:
             ax.contour(x, y, thin.T, levels=[0.5], colors="red", linewidths=1.0, linestyles="--")
             ax.contourf(x, y, thin.T, levels=[0.5, 1.5], colors="none", hatches=[".."])
         if thin.any():
             handles.append(Patch(facecolor="none", edgecolor="red", linestyle="--", hatch="..",
-                                 label=f"extrapolated (< {MIN_SUPPORT:g} training state per bin)"))
+                                 label="extrapolated (no training state nearby)"))
     for i, m in enumerate(minima):
         ax.plot(m.point[pair[0]], m.point[pair[1]], "w*" if i == 0 else "wx",
                 markersize=12 if i == 0 else 8, markeredgecolor="k")

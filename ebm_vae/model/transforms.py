@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +34,15 @@ from ebm_vae.data.principal import noise_floor, noise_variance
 from ebm_vae.data.support import component_bounds, support_inverse, support_map
 
 LOG_2PI = math.log(2.0 * math.pi)
+
+
+class AffineAxes(NamedTuple):
+    """Map coordinates a = rows @ (x - origin) as a function of the model coordinates u (flat):
+    a = offset + matrix @ u + e with e ~ N(0, residual) independent of u (float64 tensors)."""
+
+    offset: Tensor  # (n,)
+    matrix: Tensor  # (n, prod(out_shape))
+    residual: Tensor  # (n, n)
 
 
 class StateTransform(nn.Module, ABC):
@@ -80,6 +89,13 @@ class StateTransform(nn.Module, ABC):
         of u; a draw of the closed-form part, e.g. a residual, where it is not). `draw=False`
         gives the mean of p(x | u) instead (reconstructions)."""
 
+    def affine_axes(self, rows: Tensor, origin: Tensor) -> AffineAxes | None:
+        """How linear map axes a = rows @ (x - origin) (rows (n, D), origin (D,), float64) depend
+        on the model coordinates, where they do affinely (`AffineAxes`); None where they do not
+        (a nonlinear transform). Marginal energy maps integrate in model coordinates with it
+        (ebm_vae/energy/methods/marginal.py)."""
+        return None
+
 
 class Standardize(StateTransform):
     """u = (x - mean) / std per component, reshaped to the state's shape; log_det = -sum log std."""
@@ -111,6 +127,12 @@ class Standardize(StateTransform):
 
     def inverse(self, u: Tensor, generator: torch.Generator | None = None, *, draw: bool = True) -> Tensor:
         return u.reshape(u.shape[0], -1) * self.std + self.mean
+
+    def affine_axes(self, rows: Tensor, origin: Tensor) -> AffineAxes:
+        """x = mean + std * u exactly: a = rows (mean - origin) + (rows * std) u."""
+        rows = rows.double()
+        return AffineAxes(rows @ (self.mean.double() - origin), rows * self.std.double(),
+                          torch.zeros(len(rows), len(rows), dtype=torch.float64, device=rows.device))
 
 
 class PrincipalField(StateTransform):
@@ -221,6 +243,14 @@ class PrincipalField(StateTransform):
             noise = noise - (noise @ self.basis.T) @ self.basis  # projected onto the complement
             x = x + torch.sqrt(self.noise_variance) * noise
         return x.float()
+
+    def affine_axes(self, rows: Tensor, origin: Tensor) -> AffineAxes:
+        """x = mu + W^T (sqrt(lambda) u) + e, e ~ N(0, s^2 (I - W^T W)): a = rows (mu - origin)
+        + (rows W^T sqrt(lambda)) u + rows e, the last with covariance s^2 (P P^T - P W^T W P^T)."""
+        rows = rows.double()
+        projected = rows @ self.basis.T  # (n, r)
+        residual = self.noise_variance * (rows @ rows.T - projected @ projected.T)
+        return AffineAxes(rows @ (self.mean - origin), projected * torch.sqrt(self.eigenvalues), residual)
 
 
 class Bounded(StateTransform):

@@ -257,9 +257,10 @@ class VAE(L.LightningModule):
         return (bound, stderr) if return_stderr else bound
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, *, physical: bool = True) -> Tensor:
         """n states drawn from the model's density (the members' mixture), (n, D) float32 in
-        physical units."""
+        physical units; with `physical=False` the model coordinates u (n, *transform.out_shape)
+        the core drew (what a marginal map integrates over, without building field states)."""
         members = self.evaluated
         device = self.norm_mean.device
         choice = torch.randint(members.size, (n,), generator=generator, device=device)
@@ -271,7 +272,7 @@ class VAE(L.LightningModule):
             rows = choice == index
             rank[rows] = torch.arange(int(rows.sum()), device=device)
         u = draws[choice, rank].reshape(n, *self.transform.out_shape)
-        return self.transform.inverse(u, generator)
+        return self.transform.inverse(u, generator) if physical else u
 
     # -- the support reservoir ----------------------------------------------------------
 

@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 from ebm_vae import __version__
 from ebm_vae.config import CapsuleConfig, to_container
 from ebm_vae.data.extractors.base import StateInfo
-from ebm_vae.energy.grid import GridStats, StateGrid
+from ebm_vae.energy.grid import GridStats, StateGrid, default_axes
+from ebm_vae.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +51,24 @@ class MapRequest:
         path = Path(self.cfg.paths.index) / self.capsule.name / "stats.json"
         return Stats.load(path) if path.is_file() else None
 
-    def require_index_stats(self):
+    def require_index_stats(self, root: Path):
+        """The statistics, or a one-line error naming the index and the data root it describes."""
         if self.index_stats is None:
             raise FileNotFoundError(
-                f"{Path(self.cfg.paths.index) / self.capsule.name / 'stats.json'}: no statistics for "
-                f"capsule '{self.capsule.name}'; run `ebm-vae-crawl data.root=DIR` first")
+                f"{Path(self.cfg.paths.index) / self.capsule.name / 'stats.json'}: no statistics for capsule "
+                f"'{self.capsule.name}' in the index of data.root={root}; run `ebm-vae-crawl data.root=DIR` first")
         return self.index_stats
 
     @functools.cached_property
     def vae(self):
         """The checkpoint's model on `export.device`, checked to be of this capsule."""
-        from ebm_vae.energy.model import load_vae
+        from ebm_vae.energy.model import CheckpointError, load_vae
 
         ckpt = self.checkpoint_path
         vae = load_vae(ckpt, self.export.device)
         trained_on = vae.hparams.capsule.get("name")
         if trained_on != self.capsule.name:
-            raise ValueError(f"{ckpt}: a checkpoint of capsule '{trained_on}', not of capsule="
+            raise CheckpointError(f"{ckpt}: a checkpoint of capsule '{trained_on}', not of capsule="
                              f"'{self.capsule.name}'; pass capsule={trained_on} or the ckpt=PATH of a "
                              f"{self.capsule.name} run")
         return vae
@@ -84,10 +86,21 @@ class MapRequest:
                                counted=counted, bounds=bounds)
 
 
+QUANTITIES = ("marginal", "slice")
+
+
 def wants_slice(export: DictConfig, state: StateInfo, n_axes: int) -> bool:
     """Whether the map is a slice through a state with more components than map axes (a
-    quantity no histogram can count); otherwise the map is the marginal of its axes."""
-    return state.dim > n_axes
+    quantity no histogram can count); otherwise it is the marginal of its axes (which for a
+    state with no more components than axes is the density itself)."""
+    if export.quantity not in (None, *QUANTITIES):
+        raise ConfigError(f"export.quantity must be one of {', '.join(QUANTITIES)} (or null), got '{export.quantity}'")
+    return export.quantity == "slice" and state.dim > n_axes
+
+
+def map_axes(export: DictConfig, state: StateInfo, stats: GridStats) -> list[str]:
+    """The map's axis names: `export.axes`, or the default ones."""
+    return list(export.axes) if export.axes else default_axes(state, stats)
 
 
 def vae_grid_stats(vae, index_stats) -> GridStats:
@@ -109,11 +122,12 @@ def vae_grid_stats(vae, index_stats) -> GridStats:
                      quantiles=index_stats.quantiles if same_basis else None)
 
 
-def map_metadata(capsule: CapsuleConfig, grid: StateGrid, *, method: str, k: int | None,
+def map_metadata(capsule: CapsuleConfig, grid: StateGrid, *, method: str, k: int | None, quantity: str,
                  definition: str, source_files: list, checkpoint: dict | None,
                  normalization: dict, extra: dict[str, Any]) -> dict[str, Any]:
     return {
         "capsule": capsule.name,
+        "quantity": quantity,
         "axes": [{"name": a.name, "unit": a.unit, "limits": [a.values[0], a.values[-1]],
                   "points": len(a.values), ("pc" if grid.on_pcs else "component"): a.index}
                  for a in grid.axes],
@@ -156,3 +170,66 @@ def normalization(state: StateInfo, stats: GridStats, log_jacobian: float) -> di
     if stats.pca_std is not None:
         out["pca_std"] = np.asarray(stats.pca_std).tolist()
     return out
+
+
+def support_window(grid: StateGrid) -> int:
+    """Half-width, in bins, of the window a learned map's support is averaged over (~1/32 of the axis)."""
+    return max(1, round(min(grid.shape) / 32))
+
+
+def support_map(vae, grid: StateGrid) -> np.ndarray | None:
+    """Training states per bin around each grid point, from the checkpoint's `support_states`
+    reservoir (a uniform sample of the training states, in the state or its principal
+    coefficients): the reservoir's states in the bins of a window of (2w + 1)^n bins around the
+    point, scaled by the training samples each stands for, per bin. 0 means no training state
+    anywhere in the window: the energy there is an extrapolation of the model. None when the
+    checkpoint has no reservoir, or keeps coefficients and the axes are pixels."""
+    states = getattr(vae, "support_states", None)
+    if states is None or len(states) == 0:
+        return None
+    states = states.detach().double().cpu().numpy()
+    cols = [a.index for a in grid.axes]
+    if states.shape[1] == grid.state.dim:  # flat physical states
+        if grid.on_pcs:
+            coords = (states - grid.stats.mean) @ np.asarray(grid.stats.pca_components)[cols].T
+        else:
+            coords = states[:, cols]
+    elif grid.on_pcs:  # principal coefficients (x - mean) @ pca_components.T
+        coords = states[:, cols]
+    else:
+        return None
+    counts = np.zeros(grid.shape)
+    index, inside = [], np.ones(len(coords), dtype=bool)
+    for d, axis in enumerate(grid.axes):
+        step = axis.values[1] - axis.values[0]
+        i = np.floor((coords[:, d] - axis.values[0]) / step + 0.5).astype(np.int64)
+        inside &= (i >= 0) & (i < len(axis.values))
+        index.append(i)
+    np.add.at(counts, tuple(i[inside] for i in index), 1.0)
+    width = support_window(grid)
+    in_window = _box_sum(counts, width) / _box_sum(np.ones(grid.shape), width)
+    return (in_window * float(vae.support_samples) / len(states)).astype(np.float32)
+
+
+def support_metadata(vae, grid: StateGrid) -> dict[str, Any]:
+    """The `support` entry of a learned map's metadata (empty without a reservoir)."""
+    states = getattr(vae, "support_states", None)
+    if states is None or len(states) == 0:
+        return {}
+    width = 2 * support_window(grid) + 1
+    return {"support": {
+        "source": "the checkpoint's support_states reservoir", "reservoir_states": len(states),
+        "training_samples": int(vae.support_samples), "window_bins": [width] * len(grid.axes),
+        "definition": "training states per bin, averaged over the window of bins around each grid point; "
+                      "0 = no training state in the window: the energy there is an extrapolation"}}
+
+
+def _box_sum(values: np.ndarray, width: int) -> np.ndarray:
+    """The sum of `values` over the window of +/- `width` bins along every axis (zero outside)."""
+    for axis in range(values.ndim):
+        padded = np.pad(values, [(width + 1, width) if a == axis else (0, 0) for a in range(values.ndim)])
+        cumulative = np.cumsum(padded, axis=axis)
+        n = values.shape[axis]
+        values = np.take(cumulative, range(2 * width + 1, 2 * width + 1 + n), axis=axis) - \
+            np.take(cumulative, range(0, n), axis=axis)
+    return values

@@ -13,6 +13,8 @@ from ebm_vae.energy.methods.common import (
     map_metadata,
     normalization,
     pc_arrays,
+    support_map,
+    support_metadata,
     vae_grid_stats,
 )
 
@@ -26,21 +28,24 @@ DEFINITION = (
 
 
 def slice_map(request: MapRequest) -> EnergyMap:
-    from ebm_vae.energy.evaluate import evaluate_energy
+    from ebm_vae.energy.evaluate import estimate_energy
 
     ex, vae = request.export, request.vae
     grid = request.grid(vae.state_info, vae_grid_stats(vae, request.index_stats),
                         bounds=vae.hparams.capsule.get("bounds") or {})
-    energy = evaluate_energy(vae, grid.states, grid.n_points, k=ex.k, seed=ex.seed, device=ex.device,
-                             chunk_points=ex.chunk_points, progress=ex.progress,
-                             description=f"export {request.capsule.name}")
+    estimate = estimate_energy(vae, grid.states, grid.n_points, k=ex.k, seed=ex.seed, device=ex.device,
+                               chunk_points=ex.chunk_points, progress=ex.progress,
+                               description=f"export {request.capsule.name}")
     meta = vae.hparams.stats_meta
     metadata = map_metadata(
         request.capsule, grid, method="vae-elbo" if ex.k == 1 else "vae-iwae", k=int(ex.k),
-        definition=DEFINITION, source_files=meta.get("files", []),
+        quantity="slice" if grid.state.dim > len(grid.axes) else "marginal", definition=DEFINITION, source_files=meta.get("files", []),
         checkpoint=request.checkpoint_metadata(),
         normalization=normalization(vae.state_info, grid.stats, float(vae.log_jacobian)),
-        extra={"seed": int(ex.seed), "statistics_created": meta.get("created"),
-               "training_samples": meta.get("split", {}).get("train_samples", meta.get("count"))},
+        extra={"seed": int(ex.seed),
+               "training_samples": meta.get("split", {}).get("train_samples", meta.get("count")),
+               "statistics_created": meta.get("created"), "uncertainty": estimate.summary(),
+               **support_metadata(vae, grid)},
     )
-    return EnergyMap(energy.reshape(grid.shape), [a.values for a in grid.axes], metadata, **pc_arrays(grid))
+    return EnergyMap(estimate.energy.reshape(grid.shape), [a.values for a in grid.axes], metadata,
+                     energy_std=estimate.std.reshape(grid.shape), support=support_map(vae, grid), **pc_arrays(grid))
