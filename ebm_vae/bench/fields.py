@@ -22,7 +22,7 @@ PPCA and one Gaussian fitted to the same samples.
     python scripts/bench.py fields [--json] [--quick] [--workdir DIR] [--before CHECKOUT]
 
 `--before CHECKOUT` also trains and scores an earlier checkout of the project (its own CLI and
-presets, the same files and steps), e.g. a worktree of commit f7f88ac (the conv VAE on z-scored
+presets, the same files, `BEFORE_STEPS` steps), e.g. a worktree of commit f7f88ac (the conv VAE on z-scored
 maps) outside the repository: the table's "before" column.
 """
 
@@ -148,7 +148,7 @@ class FieldCase:
     negentropy: float  # of the mixture, nats: PPCA's floor
     n_snapshots: int = 30_000
     n_files: int = 4
-    steps: int = 5000  # training steps (a fixed number, not a time: figures must not depend on load)
+    steps: int = 1500  # training steps (a fixed number, not a time: figures must not depend on load)
     seed: int = 0
 
 
@@ -280,6 +280,23 @@ def train_overrides(case: FieldCase, root: Path, out: Path) -> list[str]:
             "crawl.progress=false", "crawl.workers=1"]
 
 
+def marginal_map_time(case: FieldCase, root: Path, out: Path) -> tuple[float, dict[str, Any]]:
+    """Seconds of the capsule's default map export (the marginal of pc1, pc2 at the preset's
+    resolution and k) from the trained checkpoint, and what was made."""
+    from ebm_vae.config import compose
+    from ebm_vae.energy.mapfile import EnergyMap
+    from ebm_vae.export import export
+
+    cfg = compose("export", [f"capsule={case.capsule}", f"data.root={root}", f"paths.root={out}",
+                             "export.progress=false", "export.plot=false"])
+    start = time.perf_counter()
+    path = export(cfg)
+    seconds = time.perf_counter() - start
+    meta = EnergyMap.load(path).metadata
+    return seconds, {"quantity": meta.get("quantity"), "axes": [a.get("name") for a in meta.get("axes", [])],
+                     "resolution": int(cfg.export.resolution), "k": int(cfg.export.k)}
+
+
 # Train and score with another checkout of the project (its own CLI and presets), in a
 # subprocess whose PYTHONPATH points at that checkout: the "before" column of the table.
 BEFORE_SCRIPT = """
@@ -303,9 +320,13 @@ with open(result, "w") as fh:
 """
 
 
+BEFORE_STEPS = 5000  # the issue's protocol for the old model: its presets, trainer.max_steps=5000
+
+
 def run_before(case: FieldCase, checkout: Path, root: Path, workdir: Path, held: np.ndarray,
                true_held: np.ndarray) -> dict[str, Any]:
-    """KL gap, rank correlation and training time of `checkout`'s model on the case's files."""
+    """KL gap, rank correlation and training time of `checkout`'s model on the case's files
+    (its presets, `BEFORE_STEPS` steps)."""
     import os
     import subprocess
 
@@ -313,20 +334,22 @@ def run_before(case: FieldCase, checkout: Path, root: Path, workdir: Path, held:
     result = workdir / f"{case.capsule}_before.json"
     env = dict(os.environ, PYTHONPATH=str(Path(checkout).resolve()), OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-c", BEFORE_SCRIPT, str(root), str(workdir / f"{case.capsule}_before"),
-                    case.capsule, str(case.steps), str(workdir / "held.npy"), str(result)],
+                    case.capsule, str(BEFORE_STEPS), str(workdir / "held.npy"), str(result)],
                    env=env, cwd=workdir, check=True, capture_output=True)
     energy = np.load(f"{result}.npy")
     figures = json.loads(result.read_text())
     return {"kl_gap_nats": float(np.mean(energy - true_held)), "spearman": spearman(energy, true_held),
             "train_s": figures["train_s"], "train_cpu_s": figures["train_cpu_s"],
-            "val_iwae": figures.get("val/iwae"), "train_loss": figures.get("train/loss")}
+            "val_iwae": figures.get("val/iwae"), "train_loss": figures.get("train/loss"), "steps": BEFORE_STEPS}
 
 
 def run_case(case: FieldCase, workdir: Path, n_eval: int = 5000, k: int = 64,
-             extra_overrides: list[str] | None = None, before: Path | None = None) -> dict[str, Any]:
+             extra_overrides: list[str] | None = None, before: Path | None = None,
+             map_time: bool = True) -> dict[str, Any]:
     """Write, crawl, train and score one case; every figure of the `fields` table for it.
 
-    `before`: a checkout of an earlier version, scored the same way on the same files."""
+    `before`: a checkout of an earlier version, scored the same way on the same files;
+    `map_time`: also time the default map export (the marginal of pc1, pc2)."""
     from ebm_vae.config import compose
     from ebm_vae.energy.model import EnergyModel
     from ebm_vae.train import train
@@ -352,6 +375,7 @@ def run_case(case: FieldCase, workdir: Path, n_eval: int = 5000, k: int = 64,
     wrong = model.energy(wrong_plane_states(case, root), k=k)
 
     ppca, gauss = ppca_log_prob(states, case.rank), gaussian_log_prob(states)
+    map_s, map_meta = marginal_map_time(case, root, out) if map_time else (None, None)
     gap = float(np.mean(model_held - true_held))
     ppca_gap = float(np.mean(-ppca(held) - true_held))
     stats = json.loads((out / "index" / case.capsule / "stats.json").read_text())
@@ -375,7 +399,7 @@ def run_case(case: FieldCase, workdir: Path, n_eval: int = 5000, k: int = 64,
         "steps": int(torch.load(out / "checkpoints" / case.capsule / "last.ckpt",
                                 weights_only=True)["global_step"]),
         "write_s": write_s, "train_s": train_s, "train_cpu_s": train_cpu_s,
-        "energy_s_per_1000": 1000 * energy_s / n_eval,
+        "energy_s_per_1000": 1000 * energy_s / n_eval, "marginal_map_s": map_s, "marginal_map": map_meta,
         "ratio": ppca_gap / max(gap, 1e-9),  # PPCA's gap over ours: > 1 where we beat it
         **({"before": run_before(case, before, root, workdir, held, true_held)} if before else {}),
     }
