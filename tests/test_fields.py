@@ -3,11 +3,12 @@
 the real crawl -> train -> EnergyModel path on synthetic fields of known density written in
 both field layouts (`ebm_vae.bench.fields`), its KL gap beside PPCA and one Gaussian.
 
-Stated bounds (observed values in brackets; torch 2.13 CPU, one thread, the current core):
-- fast tier, fusion layout 3 x 8 x 8, subspace rank 4, 3,000 snapshots, 400 steps: KL gap
-  <= 0.5 nats [0.42], PPCA >= 0.8 [0.86], one Gaussian >= 3.5 [4.1], Spearman >= 0.99 [0.995].
+Stated bounds (observed values in brackets; torch 2.13 CPU, one thread, the default model:
+an ensemble of 4 VAEs with flow priors):
+- fast tier, fusion layout 3 x 8 x 8, subspace rank 4, 3,000 snapshots, 200 steps: KL gap
+  <= 0.4 nats [0.31], PPCA >= 0.8 [0.87], one Gaussian >= 3.5 [4.0], Spearman >= 0.99 [0.996].
 - slow tier, both layouts at D = 768 (3 x 16 x 16 on z = 0 of an HDF5 volume; 1 x 24 x 32,
-  layer 0 of a NetCDF stack), subspace rank 6, 30,000 snapshots, 5,000 steps: KL gap <= 0.3
+  layer 0 of a NetCDF stack), subspace rank 6, 30,000 snapshots, 1,500 steps: KL gap <= 0.3
   nats, PPCA >= 0.7, one Gaussian >= 3, Spearman >= 0.95 (the issue's floors; figures of
   record: `python scripts/bench.py fields`).
 """
@@ -225,7 +226,7 @@ def test_small_synthetic_fusion_field_through_the_real_pipeline(tmp_path):
     figures = run_case(case, tmp_path, n_eval=1000, k=16, map_time=False)
     assert figures["model_rank"] == 4
     assert figures["ppca_kl_gap_nats"] >= 0.8 and figures["gaussian_kl_gap_nats"] >= 3.5
-    assert figures["kl_gap_nats"] <= 0.5
+    assert figures["kl_gap_nats"] <= 0.4
     assert figures["spearman"] >= 0.99
     assert figures["wrong_plane_min_energy_above_max"] > 1e4  # the plane z = 0.5 is far off
     assert_no_memorisation(figures, tolerance=0.1)
