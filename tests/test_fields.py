@@ -142,7 +142,7 @@ def test_exact_covariance_merges_exactly_over_any_split():
 
 def test_reservoir_merge_is_a_uniform_sample_of_the_union():
     hits = np.zeros(100)
-    for seed in range(1000):
+    for seed in range(400):
         left, right = Reservoir(10, 1, seed=seed), Reservoir(10, 1, seed=seed + 10_000)
         left.add(np.arange(30, dtype=np.float32)[:, None])
         for start in range(30, 100, 7):  # uneven chunks
@@ -150,8 +150,8 @@ def test_reservoir_merge_is_a_uniform_sample_of_the_union():
         merged = left.merge(right)
         assert merged.seen == 100 and len(np.unique(merged.sample)) == 10
         hits[merged.sample[:, 0].astype(int)] += 1
-    # every state kept with probability 10/100: binomial(1000, 0.1) counts, 100 +/- 9.5
-    assert hits.min() > 60 and hits.max() < 140
+    # every state kept with probability 10/100: binomial(400, 0.1) counts, 40 +/- 6
+    assert hits.min() > 15 and hits.max() < 65
     small = Reservoir(10, 3, seed=0)
     small.add(np.ones((4, 3), dtype=np.float32))
     assert small.sample.shape == (4, 3)  # storage grows with what it has seen
