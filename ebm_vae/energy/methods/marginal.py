@@ -47,7 +47,8 @@ DEFINITION = (
     "proposal fitted to the model's own samples, k draws per grid point each weighted by the "
     "model's importance-weighted bound (so E is above the model's true F in expectation, "
     "tightening as k grows); directions the model treats exactly are integrated in closed form; "
-    "energy_std is the Monte Carlo standard error of each value"
+    "energy_std = sqrt(spread^2 + stderr^2): the ensemble members' spread of F and the Monte Carlo "
+    "standard error of the integral"
 )
 
 

@@ -23,7 +23,9 @@ DEFINITION = (
     "(z-score Jacobian sum(log std) included), estimated by the negative ELBO (k = 1) or the "
     "negative importance-weighted bound with k samples (above the true E, tightening as k grows); "
     "components off the map axes are held at reference_state (the joint energy on that slice; "
-    "on pc axes the state is mean + sum_i c_i * pc_i)"
+    "on pc axes the state is mean + sum_i c_i * pc_i); k is raised where the estimate's standard "
+    "error is large (metadata uncertainty); energy_std = sqrt(spread^2 + stderr^2): the ensemble "
+    "members' spread and the Monte Carlo standard error"
 )
 
 
