@@ -1,6 +1,7 @@
 """Benchmarks: `python scripts/bench.py SECTION [--json] [--gpu] [--quick]`.
 
-SECTION is one of crawl, stream, train, export, study, scaling, all. Each prints its figures
+SECTION is one of crawl, stream, train, export, study, accuracy, scaling, all (all but the
+long accuracy and scaling runs). Each prints its figures
 beside a baseline measured in the same run, with their ratio; `--json` prints one JSON object
 keyed by section, then by format or case (see DESIGN.md, "Benchmark JSON").
 """
@@ -12,7 +13,7 @@ import importlib
 import json
 import sys
 
-SECTIONS = ["crawl", "stream", "train", "export", "study", "scaling"]
+SECTIONS = ["crawl", "stream", "train", "export", "study", "accuracy", "scaling"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
 
-    sections = [s for s in SECTIONS if s != "scaling"] if args.section == "all" else [args.section]
+    sections = [s for s in SECTIONS if s not in ("scaling", "accuracy")] if args.section == "all" else [args.section]
     results = {}
     for name in sections:
         module = importlib.import_module(f"ebm_vae.bench.{name}")
