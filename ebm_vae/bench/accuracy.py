@@ -20,9 +20,15 @@ Beside it, on the same N samples and the same map states:
   no finite energy and are left out of its MAE, their fraction reported);
 - `gaussian`: one full-covariance Gaussian (the linear baseline).
 
-The pipeline runs as subprocesses of the console scripts; `EBM_VAE_CODE=DIR` puts another
-checkout's code first on their path (a before/after table from one harness). Wall times
-depend on the machine's load; errors in nats do not.
+The pipeline runs as subprocesses of the console scripts. `run_cases(..., code=DIR)` puts
+another checkout's code first on their path, so one harness gives a before/after table:
+
+    python -c "from ebm_vae.bench.accuracy import run_cases; \
+               run_cases('/tmp/before', steps=10000, flow_steps=0, code='/tmp/checkout')"
+
+A killed run resumes: training continues from its last checkpoint, and a case whose pipeline
+finished in the work directory is scored again rather than rebuilt. Wall times depend on the
+machine's load; errors in nats do not.
 """
 
 from __future__ import annotations
@@ -115,7 +121,7 @@ def run_pipeline(case: Case, work: Path, steps: int, env: dict[str, str]) -> dic
     config_dir = ["--config-dir", str(conf)] if case.capsule != "grid" else []
     times = {"crawl_s": _run([_script("ebm-vae-crawl"), *config_dir, *common], env, log)}
     times["train_s"] = _run([_script("ebm-vae-train"), *config_dir, f"capsule={case.capsule}", *common,
-                             f"trainer.max_steps={steps}", "data.unit_samples=8192",
+                             f"trainer.max_steps={steps}", "data.unit_samples=8192", "ckpt_path=last",
                              "trainer.enable_progress_bar=false"], env, log)
     npz = out / case.name / "map.npz"
     extra = [f"export.out={npz}", "export.progress=false"]
@@ -195,6 +201,7 @@ def mae(estimate: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
 
 
 def score_case(case: Case, samples: np.ndarray, npz: Path, flow_steps: int) -> dict[str, Any]:
+    """The map's errors, and those of the baselines on the same states (`flow_steps` 0: no flow)."""
     from ebm_vae.bench.study import SparseHistogram
 
     energy, states = map_states(npz, case)
@@ -202,49 +209,61 @@ def score_case(case: Case, samples: np.ndarray, npz: Path, flow_steps: int) -> d
     finite = np.isfinite(truth)
     slice_region = finite & (truth <= truth[finite].min() + REGION_NATS)
     region = finite & (truth <= case.density.min_energy + REGION_NATS)
-    flow_energy, flow_cpu_s = fit_reference_flow(samples, steps=flow_steps)
-    flow_map = flow_energy(states)
     hist = SparseHistogram.fit(samples, "scott")
     out = {"states_scored": int(region.sum()), "map_mae_nats": mae(energy[region], truth[region])[0],
            "map_bias_nats": float(np.mean(energy[region] - truth[region])),
-           "flow_mae_nats": mae(flow_map[region], truth[region])[0], "flow_train_cpu_s": flow_cpu_s,
            "gaussian_mae_nats": mae(gaussian_energy(samples, states[region]), truth[region])[0],
            "slice_region_states": int(slice_region.sum()),
-           "map_mae_slice_region_nats": mae(energy[slice_region], truth[slice_region])[0],
-           "flow_mae_slice_region_nats": mae(flow_map[slice_region], truth[slice_region])[0]}
+           "map_mae_slice_region_nats": mae(energy[slice_region], truth[slice_region])[0]}
     out["hist_mae_nats"], out["hist_empty_fraction"] = mae(hist.energy(states[region]), truth[region])
-    out["ratio"] = out["map_mae_nats"] / out["flow_mae_nats"]  # the map's error in units of the flow's
+    if flow_steps > 0:
+        flow_energy, out["flow_train_cpu_s"] = fit_reference_flow(samples, steps=flow_steps)
+        flow_map = flow_energy(states)
+        out["flow_mae_nats"] = mae(flow_map[region], truth[region])[0]
+        out["flow_mae_slice_region_nats"] = mae(flow_map[slice_region], truth[slice_region])[0]
+        out["ratio"] = out["map_mae_nats"] / out["flow_mae_nats"]  # the map's error in units of the flow's
     return out
 
 
-def measure(case: Case, work: Path, steps: int, n_samples: int, flow_steps: int, seed: int = 0) -> dict[str, Any]:
+def measure(case: Case, work: Path, steps: int, n_samples: int, flow_steps: int, code: str | None = None,
+            seed: int = 0) -> dict[str, Any]:
     samples = case.density.sample(n_samples, np.random.default_rng([seed, case.density.dim]))
-    write_case(case, samples, work / "data", work / "conf")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    code = os.environ.get("EBM_VAE_CODE")
-    if code:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, env.get("PYTHONPATH")]))
-    result = run_pipeline(case, work, steps, env)
-    scores = score_case(case, samples, result.pop("map"), flow_steps)
+    done = work / "pipeline.json"  # a finished pipeline in the work directory is scored again, not rebuilt
+    if done.is_file():
+        result = json.loads(done.read_text())
+    else:
+        write_case(case, samples, work / "data", work / "conf")
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        if code:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, env.get("PYTHONPATH")]))
+        result = run_pipeline(case, work, steps, env)
+        result["map"] = str(result["map"])
+        done.write_text(json.dumps(result))
+    scores = score_case(case, samples, Path(result.pop("map")), flow_steps)
     return {"case": case.name, "dim": case.density.dim, "n_samples": n_samples, "train_steps": steps,
             **scores, **result, "code": code or "this checkout", "baseline": "zuko NSF reference flow"}
 
 
-def run(args: Any) -> dict[str, dict[str, Any]]:
+def run_cases(workdir: str | Path, names: list[str] | None = None, steps: int = STEPS,
+              n_samples: int = N_SAMPLES, flow_steps: int = 3000, code: str | None = None) -> dict[str, dict[str, Any]]:
+    """Every case (or `names`) under `workdir`; prints a line per case, returns the entries."""
     import torch
 
     torch.set_num_threads(1)
     chosen = cases()
-    names = ["double_well_2d", "mixture_6d"] if args.quick else list(chosen)
-    n, steps, flow_steps = (20_000, 300, 300) if args.quick else (N_SAMPLES, STEPS, 3000)
-    steps = int(os.environ.get("EBM_VAE_STEPS", steps))
     results = {}
-    with contextlib.ExitStack() as stack:
-        work = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        for name in names:
-            results[name] = measure(chosen[name], work / name, steps, n, flow_steps)
-            entry = results[name]
-            print(f"accuracy {name}: map {entry['map_mae_nats']:.3f} nats, flow {entry['flow_mae_nats']:.3f}, "
-                  f"histogram {entry['hist_mae_nats']:.3f}, gaussian {entry['gaussian_mae_nats']:.3f} "
-                  f"(train {entry['train_s']:.0f} s wall)", file=sys.stderr, flush=True)
+    for name in names or list(chosen):
+        results[name] = entry = measure(chosen[name], Path(workdir) / name, steps, n_samples, flow_steps, code)
+        flow = f"{entry['flow_mae_nats']:.3f}" if "flow_mae_nats" in entry else "-"
+        print(f"accuracy {name}: map {entry['map_mae_nats']:.3f} nats, flow {flow}, "
+              f"histogram {entry['hist_mae_nats']:.3f}, gaussian {entry['gaussian_mae_nats']:.3f} "
+              f"(train {entry['train_s']:.0f} s wall)", file=sys.stderr, flush=True)
     return results
+
+
+def run(args: Any) -> dict[str, dict[str, Any]]:
+    """`scripts/bench.py accuracy`: every case (two small ones with --quick)."""
+    quick = {"names": ["double_well_2d", "mixture_6d"], "n_samples": 20_000, "steps": 300, "flow_steps": 300}
+    with contextlib.ExitStack() as stack:
+        work = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
+        return run_cases(work, **(quick if args.quick else {}))

@@ -71,8 +71,8 @@ class StudyPlan:
     densities: tuple[str, ...] = ("boltzmann", "mixture")
     dims: tuple[int, ...] = (2, 3, 4, 6, 8)
     sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
-    steps: int = 3000  # VAE optimiser steps, the same in every case
-    batch_size: int = 1024
+    steps: int = 2000  # VAE optimiser steps, the same in every case
+    batch_size: int = 512
     model: tuple[tuple[str, Any], ...] = ()  # VAE constructor overrides, e.g. (("members", 1),)
     k: int = 64  # importance samples of the evaluated bound
     n_eval: int = 4000  # held-out samples drawn; those inside the region are scored
