@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ebm_vae.callbacks import ValidateAtEnd
 from ebm_vae.data.extractors.base import StateInfo
 from ebm_vae.model.elbo import elbo_terms, iwae_bound, mixture_bound
+from ebm_vae.model.ensemble import bootstrap_counts
 from ebm_vae.model.networks import build_networks
 from ebm_vae.model.vae import VAE
 
@@ -215,10 +216,22 @@ def test_ensemble_members_are_independent_and_bootstrapped():
     torch.manual_seed(5)
     terms = model.members.elbo_terms(x)
     per_sample = terms.recon - terms.kl
-    counts = torch.poisson(torch.ones_like(per_sample))
+    counts = bootstrap_counts(x, 3, seed=0)
     assert not torch.equal(counts[0], counts[1])  # each member its own resample
     torch.testing.assert_close(objective, -(counts * per_sample).mean(1).sum())
     torch.testing.assert_close(plain, -per_sample.mean())
+
+
+def test_bootstrap_counts_are_poisson_and_fixed_per_state():
+    """A state keeps its count in every epoch and batch: each member fits one resample."""
+    x = torch.randn(50_000, 2)
+    counts = bootstrap_counts(x, 4, seed=0)
+    assert counts.shape == (4, 50_000)
+    torch.testing.assert_close(counts.mean(1), torch.ones(4), atol=0.03, rtol=0)
+    torch.testing.assert_close(counts.var(1), torch.ones(4), atol=0.05, rtol=0)
+    assert torch.equal(bootstrap_counts(x[torch.arange(99, -1, -1)], 4, seed=0), counts[:, :100].flip(1))
+    assert not torch.equal(bootstrap_counts(x[:100], 4, seed=1), counts[:, :100])
+    assert abs(float(torch.corrcoef(counts)[0, 1])) < 0.03  # members resample independently
 
 
 def test_moving_average_answers_queries_and_travels_in_the_checkpoint(tmp_path):
@@ -261,3 +274,33 @@ def test_sizes_follow_the_data():
     model = VAE(VECTOR, stats_meta={"count": 200_000})
     assert model.hparams.hidden == auto_width(200_000, 3)
     assert model.hparams.latent_dim == 3 and model.members.encoder.residual  # the core's own size
+
+
+def test_tensorboard_shows_labelled_slices_and_a_finite_hp_metric(tmp_path):
+    """Curves, the slice figure (energy and uncertainty panels) and hparams of a short fit:
+    no inf first point of hp_metric, a validation point per interval."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    L.seed_everything(0)
+    state = StateInfo("vector", (2,), ("frequency", "phase_angle"), ("Hz", "rad")).to_dict()
+    model = VAE(state, hidden=8, members=2, prior_transforms=1, val_k=2, warmup_steps=2)
+    x = torch.randn(512, 2) * torch.tensor([0.02, 1.0]) + torch.tensor([50.0, 0.0])
+    model.set_normalization(SimpleNamespace(mean=x.mean(0).numpy(), std=x.std(0).numpy(), pca=None))
+    logger = TensorBoardLogger(tmp_path, name="grid", version="", default_hp_metric=False)
+    trainer = L.Trainer(max_steps=6, val_check_interval=2, limit_val_batches=1, logger=logger,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, accelerator="cpu", callbacks=[ValidateAtEnd()])
+    trainer.fit(model, DataLoader(TensorDataset(x), batch_size=64, shuffle=True),
+                DataLoader(TensorDataset(x[:128]), batch_size=128))
+    values: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted((tmp_path / "grid").glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                number = value.simple_value if value.HasField("simple_value") else math.nan
+                if value.HasField("tensor") and value.tensor.float_val:
+                    number = value.tensor.float_val[0]
+                values.setdefault(value.tag, []).append((event.step, number))
+    assert len(values["val/iwae"]) >= 3  # steps 2, 4, 6
+    assert all(math.isfinite(v) for _, v in values["hp_metric"]), values["hp_metric"]
+    assert "val/energy_slice" in values and "val/member_spread" in values

@@ -120,7 +120,8 @@ def test_histogram_of_many_dimensions_stays_sparse():
 
 def test_study_harness_smoke(tmp_path):
     plan = StudyPlan(densities=("boltzmann",), dims=(2,), sizes=(2000,), steps=5, batch_size=64,
-                     hidden=16, k=4, n_eval=200, slice_resolution=8)
+                     model=(("hidden", 16), ("members", 2), ("prior_transforms", 1)), k=4, n_eval=200,
+                     slice_resolution=8)
     cases = run_study(plan, progress=False)
     case = cases["boltzmann_D2_N2000"]
     for key in ["vae_mae_nats", "vae_slice_mae_nats", "hist_mae_nats", "hist_empty_fraction",

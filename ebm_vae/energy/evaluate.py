@@ -45,7 +45,7 @@ CPU_BUDGET_BYTES = 512 * 2**20  # per chunk, for activations on the CPU
 GPU_FREE_FRACTION = 0.5  # of the free GPU memory, per chunk
 MAX_CHUNK_POINTS = 2**16
 TARGET_STDERR = 0.1  # nats: states whose estimate is less sure than this get more samples
-MAX_K = 4096  # importance samples per member, at most, after adaptive refinement
+MAX_K = 1024  # importance samples per member, at most, after adaptive refinement (cost: see docs)
 K_GROWTH = 4  # each refinement multiplies k by this
 
 

@@ -21,6 +21,40 @@ from ebm_vae.model.priors import build_prior
 
 INPUT_CLIP = 1e3  # model units; only the encoder's input is clipped (any q gives a valid bound)
 Q_LOGVAR_RANGE = (-20.0, 10.0)  # encoder log-variance clamp: exp() stays finite
+# Poisson(1) cumulative probabilities P(K <= k), k = 0..11 (beyond: < 1e-9)
+POISSON_CDF = torch.tensor([math.exp(-1.0) * sum(1.0 / math.factorial(j) for j in range(k + 1)) for k in range(12)],
+                           dtype=torch.float64)
+_GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685  # splitmix64, signed
+
+
+def _shift(h: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 (torch shifts arithmetically)."""
+    return (h >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _avalanche(h: Tensor) -> Tensor:
+    """splitmix64's finaliser: every input bit flips each output bit with probability ~1/2."""
+    h = (h ^ _shift(h, 30)) * _MIX1
+    h = (h ^ _shift(h, 27)) * _MIX2
+    return h ^ _shift(h, 31)
+
+
+def bootstrap_counts(u: Tensor, members: int, seed: int = 0) -> Tensor:
+    """Poisson(1) counts (M, N) of the states u (N, D), a fixed function of each state's values.
+
+    A member's count of a state is drawn once and for all from a hash of the state's float32
+    bits (and the member and seed), not from a fresh random number per batch: over many epochs
+    the same state keeps the same weight, so each member fits one bootstrap resample of the
+    data (fresh draws per batch would average out and leave every member on the same fit).
+    """
+    flat = u.detach().reshape(u.shape[0], -1).float().contiguous()
+    bits = flat.view(torch.int32).long() & 0xFFFFFFFF
+    generator = torch.Generator().manual_seed(int(seed))
+    weights = torch.randint(-(2**62), 2**62, (flat.shape[1],), generator=generator).to(flat.device) | 1
+    h = _avalanche((bits * weights).sum(dim=1))  # (N,) a universal hash of the state, mixed
+    salts = torch.arange(1, members + 1, device=flat.device, dtype=torch.int64) * _GOLDEN
+    uniform = (_avalanche(h.unsqueeze(0) + salts.unsqueeze(1)) & ((1 << 53) - 1)).double() / 2.0**53
+    return torch.searchsorted(POISSON_CDF.to(flat.device), uniform).float()
 
 
 class Ensemble(nn.Module):

@@ -16,6 +16,7 @@ import torch
 
 SLICE_LIMIT = 4.0  # the slice spans mean +/- 4 std along each axis
 SLICE_SPAN_NATS = 12.0  # colour range above the slice's lowest energy
+STD_SPAN_NATS = 1.0  # colour range of the uncertainty: a fixed scale, comparable across steps and runs
 
 
 def slice_plane(vae) -> tuple[torch.Tensor, list[str]] | None:
@@ -73,8 +74,8 @@ def _two_panels(energy: np.ndarray, std: np.ndarray, extent: list[float], labels
     fig.colorbar(image, ax=left, label="E = -log p (nats)")
     left.set_title(f"energy (min {low:.2f} nats)", fontsize=9)
     spread = right.imshow(std.T, origin="lower", extent=extent, aspect="auto", cmap="magma",
-                          vmin=0.0, vmax=max(float(np.nanquantile(std, 0.95)), 1e-3))
-    fig.colorbar(spread, ax=right, label="uncertainty of E (nats)")
+                          vmin=0.0, vmax=STD_SPAN_NATS)
+    fig.colorbar(spread, ax=right, label="uncertainty of E (nats)", extend="max")
     right.set_title(f"uncertainty (median {float(np.nanmedian(std)):.3f} nats)", fontsize=9)
     for ax in (left, right):
         ax.set_xlabel(labels[0])

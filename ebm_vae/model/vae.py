@@ -13,7 +13,7 @@ log p(x) = log p_core(u) + log_det(x). Logged losses are in normalised units (th
 
 The core density is an ensemble of `members` VAEs (`ebm_vae.model.ensemble.Ensemble`: encoders,
 decoders, priors, run as one batched computation), each trained on its own Poisson(1)
-bootstrap weighting of every batch.
+bootstrap resample of the data (counts fixed per state, so that epochs do not average them out).
 The density is their mixture, so the energy stays a bound (ELBO at k = 1, importance-weighted
 bound at k > 1, see `ebm_vae.model.elbo.mixture_bound`), and the members' spread is an
 epistemic uncertainty that shrinks as the data grows. Evaluation, validation and checkpoints
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ebm_vae.config import to_container
 from ebm_vae.data.extractors.base import StateInfo
 from ebm_vae.model.elbo import mixture_bound
-from ebm_vae.model.ensemble import Ensemble
+from ebm_vae.model.ensemble import Ensemble, bootstrap_counts
 from ebm_vae.model.support import reservoir_update
 from ebm_vae.model.transforms import build_transform
 
@@ -43,14 +43,17 @@ MAX_RESIDUAL_LATENT = 64  # MLP cores up to this size get a latent of their own 
 
 
 def auto_width(n_samples: int, dim: int) -> int:
-    """Hidden width of the MLPs and flow conditioners from the data: ~N^(1/4), 32 to 256.
+    """Hidden width of each member's MLPs and flow conditioners from the data: the power of two
+    nearest 4 N^(1/4) (x sqrt(D / 8) above 8 components), 32 to 128.
 
     A fixed width overfits ten thousand samples and underfits a million; the capacity a
-    density estimate can use grows slowly with N (measured on the study's densities).
+    density estimate can use grows slowly with N. Four members of width 64 match one of 128
+    at N = 2e5 (0.039 against 0.040 nats on the 2-D double well, docs/study.md), and 128 is
+    where a CPU step stops being cheap.
     """
     n = max(int(n_samples or 0), 1)
-    width = 8.0 * n ** 0.25 * max(1.0, dim / 8.0) ** 0.5
-    return int(min(256, max(32, 2 ** round(math.log2(width)))))
+    width = 4.0 * n ** 0.25 * max(1.0, dim / 8.0) ** 0.5
+    return int(min(128, max(32, 2 ** round(math.log2(width)))))
 
 
 class VAE(L.LightningModule):
@@ -72,8 +75,9 @@ class VAE(L.LightningModule):
         prior_transforms, prior_bins: the flow's spline layers and bins per spline.
         members: ensemble size (1 = a single VAE; its energies then carry only the Monte
             Carlo standard error).
-        bootstrap: weight each member's samples by Poisson(1) counts (the members' spread then
-            estimates the sampling uncertainty of the fit).
+        bootstrap: weight each member's states by Poisson(1) counts, fixed per state (a hash of
+            its values; see `ensemble.bootstrap_counts`): each member fits its own bootstrap
+            resample, so the members' spread estimates the sampling uncertainty of the fit.
         train_k: importance samples of the training bound (1 = ELBO, > 1 = IWAE).
         lr, weight_decay: AdamW; the rate warms up linearly over `warmup_steps`, then follows
             a cosine to zero at the trainer's max_steps (`lr_schedule="constant"`: no decay).
@@ -83,7 +87,7 @@ class VAE(L.LightningModule):
             min(1, step / kl_warmup_steps); the logged validation bounds stay exact.
         min_logvar, max_logvar: soft floor / hard cap of the decoder log-variance (model units).
         support_size: training states kept in the `support_states` reservoir (0 = none).
-        seed: the reservoir's random stream (its content is reproducible for a seed).
+        seed: the reservoir's random stream and the bootstrap's hash (reproducible for a seed).
     """
 
     def __init__(self, state: dict[str, Any], capsule: dict[str, Any] | None = None,
@@ -336,7 +340,7 @@ class VAE(L.LightningModule):
             per_sample = terms.recon - beta * terms.kl + exact  # (M, N)
         else:
             per_sample = self.members.bound(u, k, max_rows=self._max_rows) + exact
-        weights = (torch.poisson(torch.ones_like(per_sample))
+        weights = (bootstrap_counts(u, self.members.size, self.hparams.seed)
                    if self.hparams.bootstrap and self.members.size > 1 else 1.0)
         objective = -(weights * per_sample).mean(dim=1).sum()
         return objective, -per_sample.detach().mean()
