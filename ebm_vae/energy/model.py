@@ -21,6 +21,7 @@ import torch
 
 from ebm_vae.data.readers.base import one_line
 from ebm_vae.energy.evaluate import evaluate_energy, resolve_device
+from ebm_vae.energy.states import validated_states
 
 
 class CheckpointError(ValueError):
@@ -90,17 +91,12 @@ class EnergyModel:
         """(N,) float64 nats for `states` (N, D) or (N, *state_shape) in physical units.
 
         Evaluated in chunks sized to the device's memory; reproducible for a given `seed`.
+        Bad states (wrong shape or dtype, NaN/Inf) behave as `ebm_vae.energy.states` says.
         `return_std`: also (N,) the uncertainty of each energy in nats.
         """
-        if isinstance(states, torch.Tensor):
-            states = states.detach().cpu().numpy()
-        states = np.asarray(states, dtype=np.float64)
-        dim = self.vae.state_info.dim
-        if (states.ndim == 2 and states.shape[1] == dim) or states.shape[1:] == self.state_shape:
-            flat = states.reshape(len(states), dim)
-        else:
-            raise ValueError(f"states must have shape (N, {dim}) or (N, {', '.join(map(str, self.state_shape))})"
-                             f" for capsule '{self.capsule}', got {states.shape}")
-        return evaluate_energy(self.vae, lambda start, stop: flat[start:stop], len(flat), k=k, seed=seed,
-                               device=self.device, chunk_points=chunk_points, progress=progress,
-                               return_std=return_std)
+        batch = validated_states(states, self.state_shape, f"capsule '{self.capsule}'",
+                                 fill=self.vae.norm_mean.cpu().numpy(), names=self.state_names)
+        result = evaluate_energy(self.vae, batch.chunk, len(batch), k=k, seed=seed, device=self.device,
+                                 chunk_points=chunk_points, progress=progress, return_std=return_std)
+        batch.finish(*(result if return_std else (result,)))
+        return result
