@@ -2,6 +2,7 @@
 
     ebm-vae-train capsule=NAME data.root=DIR [trainer=gpu] [trainer.max_steps=N] [ckpt_path=last]
     ebm-vae-train -m capsule=fusion,wafer,grid data.root=DIR      # one run per capsule
+    ebm-vae-train capsule=NAME init_from=PATH                     # fine-tune: weights only
 
 Outputs: checkpoints/<capsule>/{last,epoch_NNN}.ckpt and logs/tensorboard/<capsule>/ (one
 directory per capsule, so a resumed run continues its curves).
@@ -71,6 +72,23 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoints: Path) -> str | None:
     return str(ckpt_path)
 
 
+def warm_start(model: L.LightningModule, path: str | Path) -> None:
+    """Fine-tuning: take the weights of the checkpoint's VAE where names and shapes match.
+
+    The model keeps its own normalisation (the new statistics) and gets a fresh optimiser and
+    step count, unlike `ckpt_path` (a resume, which restores all of them).
+    """
+    from ebm_vae.energy.model import load_vae
+
+    own = dict(model.named_parameters())
+    taken = {name: weights for name, weights in load_vae(path, "cpu").named_parameters()
+             if name in own and own[name].shape == weights.shape}
+    if not taken:
+        raise ValueError(f"init_from={path}: none of its weights fit this model (other state or widths)")
+    model.load_state_dict(taken, strict=False)
+    log.info("fine-tuning from %s (%d of %d weight tensors)", path, len(taken), len(own))
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the VAE of `cfg.capsule`; returns the final metrics (val/iwae, val/elbo, ...) as floats."""
     from ebm_vae.data.datamodule import datamodule_from_config  # torch + readers: import on use
@@ -87,6 +105,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         stats_meta={"count": stats.count, "created": stats.created, "files": stats.files},
     )
     model.set_normalization(stats)
+    if cfg.get("init_from"):
+        warm_start(model, cfg.init_from)
     log.info("model: %s (%s, latent %d, %d parameters)", cfg.model._target_, model.hparams.arch,
              model.hparams.latent_dim, sum(p.numel() for p in model.parameters()))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
