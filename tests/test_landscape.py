@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from landscapes import COUNTS, PATCH, TOY, gaussian_energy, make_landscape
+from landscapes import COUNTS, PATCH, gaussian_energy, make_landscape
 
 from ebm_vae import EnergyLandscape, EnergyModel
 from ebm_vae.energy.landscape import FILENAME, LandscapeError

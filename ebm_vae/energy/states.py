@@ -15,6 +15,7 @@ What a query does with bad states (DESIGN.md, "Query API"; tests/test_landscape.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -32,13 +33,9 @@ class NonFiniteStatesWarning(UserWarning):
 
 def as_array(states: Any) -> np.ndarray:
     """A NumPy view of array-likes and tensors (no copy where there is one already)."""
-    try:
-        import torch
-
-        if isinstance(states, torch.Tensor):
-            states = states.detach().cpu().numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency; the map path needs none of it
-        pass
+    torch = sys.modules.get("torch")  # a tensor implies torch is loaded; the map path never loads it
+    if torch is not None and isinstance(states, torch.Tensor):
+        states = states.detach().cpu().numpy()
     if isinstance(states, np.ndarray):
         return states
     try:
