@@ -63,13 +63,16 @@ class CrawlConfig:
     file_timeout_s: float = 60.0  # a file whose reader takes longer gets an error row (a hung library)
     stats: bool = True  # run the statistics pass for capsules with new or changed files
     progress: bool = True
-    stats_reservoir: int = 4096  # samples kept for the principal basis of field states
-    n_components: int = 16  # principal components stored for field states
+    stats_reservoir: int = 4096  # samples kept for the principal basis of larger field states
+    # field states of up to this many components get the exact covariance (D^2 float64 in memory;
+    # 2048: 32 MB), larger ones the SVD of the reservoir
+    exact_covariance_max_dim: int = 2048
+    n_components: int = 64  # principal components stored for field states: the cap on the field rank
 
 
 @dataclass
 class ExportConfig:
-    method: str = "vae"  # vae | histogram
+    method: str = "vae"  # vae | histogram | auto (the histogram where counting resolves the map)
     k: int = 64  # importance samples; 1 = negative ELBO (see ebm_vae/export.py for the default)
     resolution: int = 128  # grid points per axis
     axes: list[str] | None = None  # state components or pc1, pc2, ...; default: first two / pc1, pc2
@@ -82,6 +85,7 @@ class ExportConfig:
     device: str = "auto"  # auto | cpu | cuda
     chunk_points: int | None = None  # grid points per evaluation chunk; None = sized to memory
     plot: bool = True  # a PNG next to the .npz
+    plot_span: float = 12.0  # nats above the map's minimum that the PNG's colour scale spans
     progress: bool = True
 
 

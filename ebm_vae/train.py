@@ -102,7 +102,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     model = instantiate(
         cfg.model, _convert_="all", state=stats.state, capsule=dataclasses.asdict(capsule),
-        stats_meta={"count": stats.count, "created": stats.created, "files": stats.files},
+        stats_meta={"count": stats.count, "created": stats.created, "files": stats.files,
+                    "field_rank": stats.field_rank},
     )
     model.set_normalization(stats)
     if cfg.get("init_from"):

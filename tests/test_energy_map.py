@@ -12,14 +12,14 @@ from ebm_vae.data.extractors.base import StateInfo
 from ebm_vae.energy.grid import GridError, GridStats, StateGrid
 from ebm_vae.energy.histogram import HistogramCounts
 from ebm_vae.energy.mapfile import EnergyMapError
-from ebm_vae.energy.plot import plot_map
+from ebm_vae.energy.plot import axis_label, plot_map
 
 
-def make_map(ndim: int, seed: int = 0) -> EnergyMap:
+def make_map(ndim: int, seed: int = 0, method: str = "vae-iwae") -> EnergyMap:
     rng = np.random.default_rng(seed)
     axes = [np.sort(rng.uniform(-3, 3, 5 + d)) for d in range(ndim)]
     values = rng.uniform(0, 10, tuple(len(a) for a in axes)).astype(np.float32)
-    meta = {"capsule": "toy", "method": "histogram", "k": None,
+    meta = {"capsule": "toy", "method": method, "k": None,
             "axes": [{"name": f"x{d}", "unit": "m"} for d in range(ndim)]}
     return EnergyMap(values, axes, meta)
 
@@ -73,6 +73,73 @@ def test_empty_neighbour_makes_interpolation_infinite_only_where_it_weighs():
     np.testing.assert_array_equal(e, [1.5, np.inf, 4.0, 1.0])
 
 
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_histogram_map_returns_the_energy_of_the_own_bin(ndim):
+    m = make_map(ndim, method="histogram")
+    np.testing.assert_array_equal(m.energy(grid_points(m)), m.energy_map.ravel().astype(np.float64))
+    # every point of a bin (edges halfway between grid points) gets that bin's energy
+    rng = np.random.default_rng(3)
+    index = tuple(rng.integers(0, len(a), 200) for a in m.axes)
+    lo = [np.where(i > 0, 0.5 * (a[i] + a[np.maximum(i - 1, 0)]), a[0] - 0.5 * (a[1] - a[0]))
+          for a, i in zip(m.axes, index, strict=True)]
+    hi = [np.where(i < len(a) - 1, 0.5 * (a[i] + a[np.minimum(i + 1, len(a) - 1)]), a[-1] + 0.5 * (a[-1] - a[-2]))
+          for a, i in zip(m.axes, index, strict=True)]
+    points = np.stack([rng.uniform(low, high - 1e-9)
+                       for low, high in zip(lo, hi, strict=True)], axis=1)
+    np.testing.assert_array_equal(m.energy(points), m.energy_map[index].astype(np.float64))
+    # outside the outer bin edges: +inf; just inside them: the outer bin
+    first = np.array([[a[0] - 0.49 * (a[1] - a[0]) for a in m.axes]])
+    past = np.array([[a[0] - 0.51 * (a[1] - a[0]) for a in m.axes]])
+    assert m.energy(first)[0] == m.energy_map[(0,) * ndim]
+    assert np.isposinf(m.energy(past)[0])
+
+
+def test_histogram_lookup_ignores_an_empty_neighbour():
+    """A common state next to an empty bin keeps its own bin's energy (issue: +inf before)."""
+    axes = [np.array([20.0, 21.0, 22.0, 23.0]), np.array([85.0, 90.0, 95.0])]
+    values = np.full((4, 3), 7.0)
+    values[3, 1] = np.inf  # the bin at (23, 90) is empty
+    values[2, 1] = 6.8
+    m = EnergyMap(values, axes, {"method": "histogram"})
+    assert m.energy([[22.0, 90.0], [22.4, 91.0]]).tolist() == [pytest.approx(6.8)] * 2
+    assert np.isposinf(m.energy([[22.6, 90.0]])[0])
+    learned = EnergyMap(values, axes, {"method": "vae-iwae"})
+    assert np.isposinf(learned.energy([[22.4, 90.0]])[0])  # interpolation weighs the empty corner
+
+
+def test_optional_arrays_roundtrip_and_project(tmp_path):
+    rng = np.random.default_rng(0)
+    basis, _ = np.linalg.qr(rng.standard_normal((12, 2)))
+    origin = rng.normal(size=12)
+    axes = [np.linspace(-1, 1, 4), np.linspace(-2, 2, 5)]
+    m = EnergyMap(np.zeros((4, 5)), axes, {"method": "vae-iwae"}, energy_std=np.full((4, 5), 0.1),
+                  support=np.arange(20.0).reshape(4, 5), pc_vectors=basis.T, pc_origin=origin)
+    loaded = EnergyMap.load(m.save(tmp_path / "pc.npz"))
+    with np.load(tmp_path / "pc.npz", allow_pickle=False) as data:
+        assert data["energy_std"].dtype == np.float32 and data["support"].dtype == np.float32
+        assert data["pc_vectors"].dtype == np.float64 and data["pc_origin"].shape == (12,)
+    np.testing.assert_array_equal(loaded.support, m.support)
+    coords = np.array([[0.5, -1.0], [0.0, 0.0]])
+    states = origin + coords @ basis.T
+    np.testing.assert_allclose(loaded.project(states), coords, atol=1e-12)
+    np.testing.assert_allclose(loaded.project(states.reshape(2, 3, 2, 2)), coords, atol=1e-12)
+    with pytest.raises(EnergyMapError, match="energy_std shape"):
+        EnergyMap(np.zeros((4, 5)), axes, {}, energy_std=np.zeros((5, 4)))
+    with pytest.raises(EnergyMapError, match="come together"):
+        EnergyMap(np.zeros((4, 5)), axes, {}, pc_vectors=basis.T)
+
+
+def test_project_picks_the_axis_components():
+    meta = {"axes": [{"name": "c", "component": 2}, {"name": "a", "component": 0}],
+            "state": {"shape": [3]}}
+    m = EnergyMap(np.zeros((2, 2)), [np.arange(2.0), np.arange(2.0)], meta)
+    np.testing.assert_array_equal(m.project([[1.0, 2.0, 3.0]]), [[3.0, 1.0]])
+    with pytest.raises(ValueError, match="components"):
+        m.project([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="does not record"):
+        make_map(2).project([[1.0, 2.0]])
+
+
 def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     path = make_map(2, seed=0).save(tmp_path / "toy.npz")
     before = path.read_bytes()
@@ -113,11 +180,21 @@ def test_minima_find_both_wells():
 
 
 @pytest.mark.parametrize("ndim", [1, 2, 3])
-def test_plot_writes_a_png(tmp_path, ndim):
+@pytest.mark.parametrize("extras", [False, True])
+def test_plot_writes_a_png(tmp_path, ndim, extras):
     m = make_map(ndim)
     m.energy_map.flat[0] = np.inf
+    if extras:
+        m = EnergyMap(m.energy_map, m.axes, m.metadata, energy_std=np.full(m.energy_map.shape, 0.2),
+                      support=np.where(m.energy_map > 5, 0.0, 10.0))
     png = plot_map(m, tmp_path / "toy.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_axis_labels_do_not_repeat_the_unit():
+    assert axis_label("GHI (W/m^2)", "W/m^2") == "GHI (W/m^2)"
+    assert axis_label("ghi", "W/m^2") == "ghi [W/m^2]"
+    assert axis_label("pc1", "") == "pc1"
 
 
 # -- grids ------------------------------------------------------------------------------------
@@ -139,6 +216,23 @@ def test_vector_grid_defaults_and_reference():
     np.testing.assert_array_equal(grid.project(states), grid.points(0, 25))
     np.testing.assert_array_equal(grid.states(7, 9), states[7:9])  # chunks are slices of the whole
     assert grid.reference_metadata() == {"p": 12.5}
+
+
+def test_default_limits_from_quantiles_within_the_data_and_the_bounds(caplog):
+    levels = [0.001, 0.005, 0.01, 0.5, 0.99, 0.995, 0.999]
+    values = np.tile(np.array([[49.9, 50.2, 5.0]]), (7, 1))
+    values[-1] = [50.1, 2.9, 60.0]
+    values[0] = [49.9, -2.9, 5.0]
+    stats = GridStats(mean=np.array([50.0, 0.0, 10.0]), std=np.array([0.1, 1.0, 2.0]),
+                      lo=np.array([49.8, -3.0, 0.0]), hi=np.array([50.3, 3.0, 100.0]),
+                      quantiles={"levels": levels, "values": values})
+    grid = StateGrid.build(VECTOR, stats, axes=["f", "phase", "p"], resolution=5, bounds={"p": [0, 50]})
+    # f: [49.9, 50.1] +/- 10 % of 0.2; phase: [-2.9, 2.9] +/- 0.58, cut at the observed [-3, 3];
+    # p: [5, 60] +/- 5.5, cut at the observed minimum 0 and the bound 50
+    np.testing.assert_allclose([a.values[[0, -1]] for a in grid.axes],
+                               [[49.88, 50.12], [-3.0, 3.0], [0.0, 50.0]], atol=1e-9)
+    StateGrid.build(VECTOR, stats, axes=["p"], limits=[[-10.0, 40.0]], bounds={"p": [0, None]})
+    assert "crosses its physical bounds [0, None]" in caplog.text
 
 
 def test_grid_errors_name_the_key():
@@ -190,3 +284,19 @@ def test_histogram_density_is_per_unit_volume_and_reports_empty_bins():
     assert energy[1, 0] == pytest.approx(-np.log(2 / (4 * 2.0)))
     assert energy[2, 2] == pytest.approx(-np.log(1 / (4 * 2.0)))
     assert np.isposinf(energy[0, 0]) and counts.report()["empty_bins"] == 7
+
+
+def test_histogram_lookup_finds_the_bin_each_state_was_counted_in():
+    state = StateInfo(kind="vector", shape=(2,), names=("a", "b"), units=("m", "s"))
+    grid = StateGrid.build(state, GridStats(mean=np.zeros(2), std=np.ones(2)),
+                           limits=[[-1.0, 1.0], [0.0, 4.0]], resolution=9)
+    states = np.random.default_rng(0).uniform([-1.2, -0.3], [1.2, 4.3], size=(2000, 2))
+    counts = HistogramCounts(grid)
+    counts.add(states)
+    m = EnergyMap(counts.energy(), [a.values for a in grid.axes], {"method": "histogram"})
+    looked_up = m.energy(states)
+    # a state's bin holds at least that state: finite exactly for the states counted inside
+    assert np.isfinite(looked_up).sum() == counts.n_total - counts.n_outside
+    inside = np.isfinite(looked_up)
+    density = np.exp(-looked_up[inside]) * counts.n_total * counts.bin_volume
+    assert np.all(density >= 1 - 1e-6) and np.allclose(density, np.round(density), atol=1e-4)

@@ -60,6 +60,11 @@ def test_vae_export_writes_the_contract(trained, demo_index):
     assert stats.min[0] - margin <= lo < stats.mean[0] < hi <= stats.max[0] + margin
     energy_map = EnergyMap.load(out)
     assert np.all(np.isfinite(energy_map.energy_map))
+    # the phase never leaves the observed range (no map of where no state can be)
+    assert stats.min[1] <= meta["axes"][1]["limits"][0] < meta["axes"][1]["limits"][1] <= stats.max[1]
+    assert [a["component"] for a in meta["axes"]] == [0, 1]
+    states = np.array([[stats.mean[0], 0.0]])
+    np.testing.assert_array_equal(energy_map.project(states), states)
 
 
 def test_export_is_reproducible_for_a_seed_and_k1_is_the_elbo(trained, demo_index, tmp_path):
@@ -82,7 +87,14 @@ def test_field_state_maps_onto_principal_components(trained, demo_index, tmp_pat
     assert set(m.metadata["normalization"]["channels"]) == {"Bx", "By", "Bz"}
     assert len(m.metadata["normalization"]["pca_std"]) == 4
     stats = Stats.load(demo_index["index"] / "fusion" / "stats.json")
-    np.testing.assert_allclose(m.axes[0][[0, -1]], [-4 * stats.pca["std"][0], 4 * stats.pca["std"][0]], rtol=1e-6)
+    q = stats.quantiles["pc_values"][[0, -1], 0]  # the 0.1 % and 99.9 % quantiles of pc1, +10 % each side
+    np.testing.assert_allclose(m.axes[0][[0, -1]], [q[0] - 0.1 * (q[1] - q[0]), q[1] + 0.1 * (q[1] - q[0])], rtol=1e-6)
+    assert m.pc_vectors.shape == (2, 768) and m.pc_origin.shape == (768,)  # 3 x 16 x 16
+    np.testing.assert_allclose(m.pc_vectors, stats.pca["components"][:2], atol=1e-6)
+    # the origin is the mean plus the held pc3 coefficient: placing it on the map gives (0, 0)
+    np.testing.assert_allclose(m.pc_origin, stats.mean + 0.5 * stats.pca["components"][2], atol=1e-5)
+    np.testing.assert_allclose(m.project(m.pc_origin[None] + 0.3 * stats.pca["components"][:1]), [[0.3, 0.0]],
+                               atol=1e-6)
 
 
 def test_one_axis_map_holds_the_other_component_at_the_mean(trained, demo_index, tmp_path):
@@ -121,6 +133,44 @@ def test_histogram_export_counts_every_usable_file(trained, demo_index, tmp_path
     mass = np.exp(-m.energy_map.astype(np.float64)).sum() * volume
     assert mass == pytest.approx(1 - report["n_outside_grid"] / report["n_total"], rel=1e-5)
     assert len(m.metadata["source_files"]) == 2 and m.metadata["skipped_files"] == []
+
+
+def test_auto_counts_where_counting_resolves_the_map(trained, demo_index, tmp_path):
+    """6,000 grid states on 8 x 8 bins: counted; on 128 x 128 bins they cannot fill the map."""
+    coarse = EnergyMap.load(export(export_cfg(trained, demo_index["index"], "grid", "export.method=auto", "export.resolution=8",
+                                              f"export.out={tmp_path}/coarse.npz")))
+    assert coarse.metadata["method"] == "histogram"
+    assert "counting resolves the map" in coarse.metadata["method_reason"]
+    np.testing.assert_array_equal(coarse.support, np.round(coarse.support))  # the counts per bin
+    fine = EnergyMap.load(export(export_cfg(trained, demo_index["index"], "grid", "export.method=auto",
+                                            "export.resolution=128", "export.k=1",
+                                            f"export.out={tmp_path}/fine.npz", "export.plot=false")))
+    assert fine.metadata["method"] == "vae-elbo"
+    assert "cannot resolve a 128 x 128 histogram" in fine.metadata["method_reason"]
+
+
+def test_auto_rule_on_count_grids():
+    from ebm_vae.energy.methods.auto import resolution
+
+    x = np.linspace(-4, 4, 40)
+    density = np.exp(-0.5 * (x[:, None] ** 2 + x[None, :] ** 2))
+    full = np.round(5000 * density)
+    empty, median, region = resolution(full)
+    assert empty == 0.0 and median > 100 and 0.3 < region / full.size < 0.8
+    holes = full.copy()
+    holes[18, 10:30:2] = 0  # holes inside the landscape belong to the region
+    assert resolution(holes)[0] == pytest.approx(10 / region)
+    edge = full.copy()
+    edge[:, 25:] = 0  # a sharp edge of the data: the empty space beyond it is not a hole
+    assert resolution(edge)[0] == 0.0
+
+
+def test_export_says_when_it_replaces_a_map(trained, demo_index, tmp_path, caplog):
+    out = tmp_path / "again.npz"
+    export(export_cfg(trained, demo_index["index"], "grid", f"export.out={out}", "export.plot=false"))
+    assert "replacing" not in caplog.text
+    export(export_cfg(trained, demo_index["index"], "grid", f"export.out={out}", "export.plot=false"))
+    assert f"replacing {out} (vae-iwae map of 'grid' created" in caplog.text
 
 
 def test_bad_requests_fail_naming_the_cause(trained, demo_index, tmp_path):

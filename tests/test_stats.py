@@ -114,6 +114,9 @@ def test_stats_pass_equals_numpy_on_csv_and_parquet(tmp_path, caplog):
     saved = Stats.load(tmp_path / "out" / "index" / "probe" / "stats.json")
     np.testing.assert_array_equal(saved.mean, stats.mean)
     assert [f["path"] for f in saved.files] == ["probe_1.csv", "probe_2.parquet"]
+    # every finite state fits the reservoir: the quantiles are numpy's of the whole data
+    np.testing.assert_allclose(saved.quantiles["values"], np.quantile(finite, saved.quantiles["levels"], axis=0),
+                               rtol=1e-12)
     assert saved.state_info.units == ("m", "s", "K")
 
 
@@ -143,3 +146,7 @@ def test_field_stats_skip_a_minority_shape_and_keep_a_principal_basis(tmp_path, 
             states += list(ex.iter_states(h, plan, 0, plan.extent, 100))
     projected = (np.concatenate(states) - stats.mean) @ components[0]
     assert np.sqrt(np.mean(projected**2)) == pytest.approx(std[0], rel=1e-5)
+    # quantiles of the principal coefficients (not of 192 pixels)
+    assert set(stats.quantiles) == {"levels", "pc_values"} and stats.quantiles["pc_values"].shape == (7, 3)
+    np.testing.assert_allclose(stats.quantiles["pc_values"][:, 0],
+                               np.quantile(projected, stats.quantiles["levels"]), rtol=1e-5, atol=1e-9)

@@ -5,8 +5,11 @@ chunk's moments are computed in float64 and merged into the running ones with Ch
 update, which is exact for any split of the data, so partial statistics of workers or ranks
 merge the same way (`merge_stats`). A sample with any NaN/Inf component is excluded (the
 stream drops it too, so the normalisation describes exactly what is trained on); NaN and Inf
-are counted per component. For field states a principal basis is kept: the top components of
-a bounded reservoir sample, in physical units centred at the mean.
+are counted per component. For field states a principal basis is kept (`ebm_vae.data.principal`):
+the spectrum of the exact covariance for moderate sizes, of a bounded reservoir sample above
+them, in physical units centred at the mean, with the rank the field density uses. Robust
+quantiles (for the default limits of energy maps) come from a bounded reservoir of states: of
+the components of vector states, of the principal coefficients of field states.
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ebm_vae.config import CapsuleConfig
 from ebm_vae.data.extractors import EXTRACTORS, StateInfo
+from ebm_vae.data.principal import (
+    Reservoir,
+    choose_rank,
+    noise_floor,
+    principal_accumulator,
+    principal_summary,
+)
 from ebm_vae.data.readers.base import one_line
 from ebm_vae.data.units import WorkUnit, chunk_samples, entry_plan, read_unit
 from ebm_vae.io import atomic_write_json
@@ -32,6 +42,9 @@ log = logging.getLogger(__name__)
 
 STD_FLOOR_RELATIVE = 1e-6  # a std below this fraction of the component's scale is "constant"
 STD_FLOOR_ABSOLUTE = 1e-12
+QUANTILE_LEVELS = (0.001, 0.005, 0.01, 0.5, 0.99, 0.995, 0.999)
+QUANTILE_RESERVOIR_STATES = 65536  # states kept for the quantiles (at most ...
+QUANTILE_RESERVOIR_BYTES = 64 * 2**20  # ... and this many bytes of them)
 
 
 @dataclass
@@ -109,7 +122,11 @@ class Stats:
     nan_count: np.ndarray
     inf_count: np.ndarray
     floored: list[int] = field(default_factory=list)
-    pca: dict[str, np.ndarray] | None = None  # {"components": (k, D), "std": (k,)}
+    # fields: {"components": (k, D), "std": (k,), "eigenvalues", "total_variance", "samples",
+    # "rank", "noise_variance", "noise_floor"} (see ebm_vae.data.principal.principal_summary)
+    pca: dict[str, np.ndarray] | None = None
+    # {"levels": (L,), "values": (L, D) vector states | "pc_values": (L, k) field states}
+    quantiles: dict[str, np.ndarray] | None = None
     files: list[dict[str, Any]] = field(default_factory=list)  # [{path, size, mtime_ns}]
     created: str = ""
 
@@ -121,6 +138,21 @@ class Stats:
     def log_jacobian(self) -> float:
         """sum(log std): add it to an energy of z-scored states to get physical units."""
         return float(np.sum(np.log(self.std)))
+
+    @property
+    def field_rank(self) -> int | None:
+        """The number of principal coefficients the field density models (None: not a field).
+
+        Statistics written before the rank was stored get it from their stored spectrum.
+        """
+        if not self.pca:
+            return None
+        if "rank" in self.pca:
+            return int(self.pca["rank"])
+        eigenvalues = np.square(np.asarray(self.pca["std"], dtype=np.float64))
+        total = float(np.sum(np.square(self.raw_std)))
+        return choose_rank(eigenvalues, total, len(self.mean), self.count, len(eigenvalues),
+                           noise_floor(self.mean, total))
 
     @property
     def moments(self) -> Moments:
@@ -146,18 +178,21 @@ class Stats:
         arrays = {k: getattr(self, k).tolist() for k in
                   ("mean", "std", "raw_std", "min", "max", "nan_count", "inf_count")}
         pca = None if self.pca is None else {k: np.asarray(v).tolist() for k, v in self.pca.items()}
+        quantiles = None if self.quantiles is None else {k: np.asarray(v).tolist() for k, v in self.quantiles.items()}
         return {"capsule": self.capsule, "state": self.state, "count": self.count, **arrays,
-                "floored": self.floored, "pca": pca, "files": self.files, "created": self.created,
-                "log_jacobian": self.log_jacobian}
+                "floored": self.floored, "pca": pca, "quantiles": quantiles, "files": self.files,
+                "created": self.created, "log_jacobian": self.log_jacobian}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Stats:
         floats = {k: np.asarray(d[k], dtype=np.float64) for k in ("mean", "std", "raw_std", "min", "max")}
         ints = {k: np.asarray(d[k], dtype=np.int64) for k in ("nan_count", "inf_count")}
         pca = None if d.get("pca") is None else {k: np.asarray(v, dtype=np.float64) for k, v in d["pca"].items()}
+        quantiles = None if d.get("quantiles") is None else \
+            {k: np.asarray(v, dtype=np.float64) for k, v in d["quantiles"].items()}
         return cls(capsule=d["capsule"], state=d["state"], count=int(d["count"]), **floats, **ints,
-                   floored=list(d.get("floored", [])), pca=pca, files=list(d.get("files", [])),
-                   created=d.get("created", ""))
+                   floored=list(d.get("floored", [])), pca=pca, quantiles=quantiles,
+                   files=list(d.get("files", [])), created=d.get("created", ""))
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_dict())
@@ -179,68 +214,30 @@ def merge_stats(a: Stats, b: Stats) -> Stats:
     pca = a.pca if a.count >= b.count else b.pca
     pca = pca if pca is not None else (b.pca if a.count >= b.count else a.pca)
     files = {f["path"]: f for f in a.files + b.files}
-    return Stats.from_moments(a.capsule, a.state, a.moments.merge(b.moments), pca=pca,
-                              files=sorted(files.values(), key=lambda f: f["path"]))
+    merged = Stats.from_moments(a.capsule, a.state, a.moments.merge(b.moments), pca=pca,
+                                files=sorted(files.values(), key=lambda f: f["path"]))
+    merged.quantiles = (a if a.count >= b.count else b).quantiles  # like the basis: the larger part's
+    return merged
 
 
-class Reservoir:
-    """A uniform random sample of at most `size` states from a stream (Algorithm R, vectorised)."""
-
-    def __init__(self, size: int, dim: int, seed: int = 0):
-        self.data = np.empty((size, dim), dtype=np.float32)
-        self.seen = 0
-        self.rng = np.random.default_rng(seed)
-
-    def add(self, states: np.ndarray) -> None:
-        size = len(self.data)
-        fill = max(0, min(size - self.seen, len(states)))
-        self.data[self.seen : self.seen + fill] = states[:fill]
-        rest = states[fill:]
-        if len(rest):
-            index = self.seen + fill + np.arange(len(rest))
-            slots = self.rng.integers(0, index + 1)  # state i replaces slot j < size w.p. size/(i+1)
-            keep = slots < size
-            slots, rows = slots[keep], np.flatnonzero(keep)
-            # the last state drawn for a slot wins, as in the sequential algorithm
-            last = len(slots) - 1 - np.unique(slots[::-1], return_index=True)[1]
-            self.data[slots[last]] = rest[rows[last]]
-        self.seen += len(states)
-
-    @property
-    def sample(self) -> np.ndarray:
-        return self.data[: min(self.seen, len(self.data))]
+def quantile_reservoir(dim: int, seed: int) -> Reservoir:
+    """The bounded reservoir of states that the quantiles are taken from."""
+    return Reservoir(max(1, min(QUANTILE_RESERVOIR_STATES, QUANTILE_RESERVOIR_BYTES // (4 * dim))), dim, seed=seed)
 
 
-def principal_basis(sample: np.ndarray, mean: np.ndarray, k: int, seed: int = 0,
-                    power_iterations: int = 3, block_rows: int = 256) -> dict[str, np.ndarray] | None:
-    """Top-k principal directions (unit rows, physical units, centred at `mean`) and the std
-    along each, by a randomised SVD (Halko et al.) of the centred sample.
-
-    The sample is centred block by block in float64, never copied whole: a reservoir of 4096
-    states of 3 x 64 x 64 is 200 MB in float32 and a full SVD of it would need gigabytes.
-    With k + 10 >= the sample's rank the result is the exact SVD's.
-    """
-    n, dim = sample.shape
-    if n < 2:
+def reservoir_quantiles(sample: np.ndarray, mean: np.ndarray, pca: dict[str, np.ndarray] | None,
+                        block_rows: int = 256) -> dict[str, np.ndarray] | None:
+    """Quantiles at QUANTILE_LEVELS of a reservoir sample: per component, or per principal
+    coefficient when a basis is given (field states; computed block by block)."""
+    if len(sample) == 0:
         return None
-    k = min(k, n, dim)
-    rank = min(k + 10, n, dim)
-    blocks = [slice(i, min(n, i + block_rows)) for i in range(0, n, block_rows)]
-
-    def centred(rows: slice) -> np.ndarray:
-        return sample[rows].astype(np.float64) - mean
-
-    def times(v: np.ndarray) -> np.ndarray:  # X_c v: (n, r)
-        return np.concatenate([centred(b) @ v for b in blocks])
-
-    def transposed_times(u: np.ndarray) -> np.ndarray:  # X_c^T u: (dim, r)
-        return sum(centred(b).T @ u[b] for b in blocks)
-
-    q = np.linalg.qr(times(np.random.default_rng(seed).normal(size=(dim, rank))))[0]
-    for _ in range(power_iterations):
-        q = np.linalg.qr(times(np.linalg.qr(transposed_times(q))[0]))[0]
-    _, s, vt = np.linalg.svd(transposed_times(q).T, full_matrices=False)
-    return {"components": vt[:k], "std": s[:k] / np.sqrt(n)}
+    levels = np.asarray(QUANTILE_LEVELS)
+    if pca is None:
+        return {"levels": levels, "values": np.quantile(sample.astype(np.float64), levels, axis=0)}
+    components = np.asarray(pca["components"], dtype=np.float64)
+    coefficients = np.concatenate([(sample[i:i + block_rows].astype(np.float64) - mean) @ components.T
+                                   for i in range(0, len(sample), block_rows)])
+    return {"levels": levels, "pc_values": np.quantile(coefficients, levels, axis=0)}
 
 
 def _progress(enabled: bool) -> Progress:
@@ -252,7 +249,8 @@ def _progress(enabled: bool) -> Progress:
 def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path, cfg: Any) -> Stats:
     """Statistics of every usable file of `capsule`, written to `index_dir/<capsule>/stats.json`.
 
-    `cfg` is a composed config with `crawl` (n_components, stats_reservoir, progress) and
+    `cfg` is a composed config with `crawl` (n_components, stats_reservoir,
+    exact_covariance_max_dim, progress) and
     `data` (chunk_bytes). Files whose state shape differs from the majority's are skipped with
     a warning naming them, as are files that fail while being read.
     """
@@ -264,38 +262,54 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
     plans = [entry_plan(extractor, e) for e in entries]
     state = Counter(p.state for p in plans).most_common(1)[0][0]
     chunk = chunk_samples(state, cfg.data.chunk_bytes)
-    reservoir = Reservoir(cfg.crawl.stats_reservoir, state.dim, seed=0) if state.kind == "field" else None
+
+    def principal_part(seed: int):  # the principal-basis accumulator of one file (fields only)
+        if state.kind != "field":
+            return None
+        return principal_accumulator(state.dim, cfg.crawl.exact_covariance_max_dim,
+                                     cfg.crawl.stats_reservoir, seed=seed)
+
+    principal = principal_part(seed=0)
+    quantiles = quantile_reservoir(state.dim, seed=0)
     total, files, skipped = Moments.empty(state.dim), [], []
     root = Path(manifest.root)
     with _progress(cfg.crawl.progress) as progress:
         task = progress.add_task(capsule.name, total=sum(p.n_samples for p in plans if p.state == state))
-        for entry, plan in zip(entries, plans, strict=True):
+        for index, (entry, plan) in enumerate(zip(entries, plans, strict=True)):
             if plan.state != state:
                 log.warning("skipping %s: state shape %s differs from the capsule's %s",
                             entry.path, plan.state.shape, state.shape)
                 skipped.append(entry.path)
                 continue
             unit = WorkUnit.whole(entry, plan)
-            part = Moments.empty(state.dim)
+            part, part_principal = Moments.empty(state.dim), principal_part(seed=index + 1)
+            part_quantiles = quantile_reservoir(state.dim, seed=index + 1)
             try:
                 for states in read_unit(extractor, root, unit, chunk):
                     part = part.merge(Moments.of(states))
-                    if reservoir is not None:
-                        reservoir.add(states[np.isfinite(states).all(axis=1)])
+                    if part_principal is not None:
+                        part_principal.add(states)
+                    part_quantiles.add(states)
                     progress.advance(task, len(states))
             except Exception as exc:  # a bad file never stops the pass; its partial moments are dropped
                 log.warning("skipping %s: %s", entry.path, one_line(exc))
                 skipped.append(entry.path)
                 continue
             total = total.merge(part)
+            if principal is not None:
+                principal = principal.merge(part_principal)
+            quantiles.merge(part_quantiles)
             files.append({"path": entry.path, "size": entry.size, "mtime_ns": entry.mtime_ns})
     if skipped:
         log.warning("statistics of %s: %d of %d usable files skipped (reasons above), %d counted",
                     capsule.name, len(skipped), len(entries), len(files))
     if total.count == 0:
         raise ValueError(f"capsule '{capsule.name}': no finite samples in {len(entries)} usable files")
-    pca = principal_basis(reservoir.sample, total.mean, cfg.crawl.n_components) if reservoir else None
+    pca = None if principal is None else principal_summary(
+        principal, total.mean, np.square(total.raw_std), cfg.crawl.n_components)
     stats = Stats.from_moments(capsule.name, state, total, pca=pca, files=files)
+    if state.kind != "field" or pca is not None:  # fields: of the principal coefficients only
+        stats.quantiles = reservoir_quantiles(quantiles.sample, total.mean, pca)
     stats.save(Path(index_dir) / capsule.name / "stats.json")
     return stats
 

@@ -6,6 +6,11 @@ default is pc1, pc2). Components off the grid are held at the reference state: t
 unless `export.reference` sets them by name; on pc axes the held values are the coefficients
 of the other principal components (0 = the mean). A 1024 x 1024 grid of 3 x 64 x 64 fields
 would be 1e6 x 12288 numbers, so states are only ever built for a slice of grid points.
+
+Default limits come from the data: the 0.1 % and 99.9 % quantiles of the statistics pass
+widened by `QUANTILE_MARGIN` of their span on each side, within the observed range (no map
+reaches where no state was ever seen) and within the capsule's physical `bounds`. Statistics
+without quantiles (older indexes, or a checkpoint alone) fall back to mean +/- 4 std.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from ebm_vae.data.extractors.base import StateInfo
 
 log = logging.getLogger(__name__)
 
-LIMIT_STDS = 4.0  # default half-width of an axis, in standard deviations
-RANGE_MARGIN = 0.1  # default limits stay within the observed range widened by this fraction
+LIMIT_STDS = 4.0  # default half-width of an axis without quantiles, in standard deviations
+RANGE_MARGIN = 0.1  # ... within the observed range widened by this fraction
+LIMIT_QUANTILES = (0.001, 0.999)  # default limits: these quantiles ...
+QUANTILE_MARGIN = 0.1  # ... widened by this fraction of their span on each side
 _PC = re.compile(r"pc([1-9][0-9]*)$")
 
 
@@ -35,7 +42,8 @@ class GridStats:
     """What a grid needs to know of the data, per flat component, in physical units.
 
     `lo`/`hi` are the observed range (None when unknown: no clipping, no range warning);
-    `pca_components` (k x D, orthonormal rows) and `pca_std` (k) exist for field states.
+    `pca_components` (k x D, orthonormal rows) and `pca_std` (k) exist for field states;
+    `quantiles` is the statistics pass's {"levels", "values" (L x D) or "pc_values" (L x k)}.
     """
 
     mean: np.ndarray
@@ -44,6 +52,7 @@ class GridStats:
     hi: np.ndarray | None = None
     pca_components: np.ndarray | None = None
     pca_std: np.ndarray | None = None
+    quantiles: dict | None = None
 
     @classmethod
     def from_stats(cls, stats) -> GridStats:
@@ -51,7 +60,20 @@ class GridStats:
         pca = stats.pca or {}
         return cls(mean=np.asarray(stats.mean, dtype=np.float64), std=np.asarray(stats.std, dtype=np.float64),
                    lo=np.asarray(stats.min, dtype=np.float64), hi=np.asarray(stats.max, dtype=np.float64),
-                   pca_components=pca.get("components"), pca_std=pca.get("std"))
+                   pca_components=pca.get("components"), pca_std=pca.get("std"),
+                   quantiles=getattr(stats, "quantiles", None))
+
+    def quantile_range(self, key: str, index: int) -> tuple[float, float] | None:
+        """The LIMIT_QUANTILES of component (key "values") or principal coefficient ("pc_values")
+        `index`, when the statistics have them."""
+        if not self.quantiles or key not in self.quantiles:
+            return None
+        levels = list(np.asarray(self.quantiles["levels"], dtype=np.float64))
+        if not all(q in levels for q in LIMIT_QUANTILES):
+            return None
+        values = np.asarray(self.quantiles[key], dtype=np.float64)
+        lo, hi = (float(values[levels.index(q), index]) for q in LIMIT_QUANTILES)
+        return lo, hi
 
 
 @dataclass(frozen=True)
@@ -77,7 +99,10 @@ class StateGrid:
     @classmethod
     def build(cls, state: StateInfo, stats: GridStats, axes: Sequence[str] | None = None,
               limits: Sequence[Sequence[float]] | None = None, resolution: int = 128,
-              reference: Mapping[str, float] | None = None) -> StateGrid:
+              reference: Mapping[str, float] | None = None, counted: bool = False,
+              bounds: Mapping[str, Sequence[float | None]] | None = None) -> StateGrid:
+        """`counted`: the map is a histogram (what limits beyond the data mean differs);
+        `bounds`: the capsule's physical bounds by variable name (default limits stay inside)."""
         axes = list(axes) if axes else default_axes(state, stats)
         if not 1 <= len(axes) <= 3:
             raise GridError(f"export.axes: a map has 1 to 3 axes, got {axes}")
@@ -93,12 +118,13 @@ class StateGrid:
         if all(on_pcs):
             indices, units, default_lims = _pc_axes(state, stats, axes)
         else:
-            indices, units, default_lims = _component_axes(state, stats, axes)
+            indices, units, default_lims = _component_axes(state, stats, axes, dict(bounds or {}))
         grid_axes = []
         for d, name in enumerate(axes):
             lo, hi = limits[d] if limits is not None else default_lims[d]
             if limits is not None:
-                _check_limits(name, lo, hi, stats, None if all(on_pcs) else indices[d])
+                _check_limits(name, lo, hi, stats, None if all(on_pcs) else indices[d], counted)
+                _check_bounds(name, lo, hi, dict(bounds or {}).get(name))
             grid_axes.append(GridAxis(name, units[d], np.linspace(lo, hi, resolution), indices[d]))
         held = _reference(state, stats, axes, all(on_pcs), dict(reference or {}))
         return cls(state, stats, grid_axes, held)
@@ -138,6 +164,16 @@ class StateGrid:
             return centred @ self.stats.pca_components[cols].T
         return np.asarray(states, dtype=np.float64)[:, cols]
 
+    def pc_frame(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(pc_vectors (n_axes, D), pc_origin (D,)) of a map on pc axes, physical units: the
+        axes' principal vectors and the state at coefficient 0 (the mean plus the held
+        coefficients), so that coordinates = (x - pc_origin) @ pc_vectors.T; None otherwise."""
+        if not self.on_pcs:
+            return None
+        cols = [a.index for a in self.axes]
+        origin = self.stats.mean + np.delete(self.reference, cols) @ np.delete(self.stats.pca_components, cols, axis=0)
+        return np.asarray(self.stats.pca_components[cols], dtype=np.float64), origin
+
     def reference_metadata(self) -> dict[str, float]:
         """The held values: off-grid components (vector states) or pc coefficients (pc axes).
 
@@ -161,7 +197,7 @@ def default_axes(state: StateInfo, stats: GridStats) -> list[str]:
     return list(state.names[: min(2, state.dim)])
 
 
-def _component_axes(state, stats, axes):
+def _component_axes(state, stats, axes, bounds):
     position = {name: i for i, name in enumerate(state.names)}
     unknown = [a for a in axes if a not in position]
     if unknown:
@@ -169,16 +205,41 @@ def _component_axes(state, stats, axes):
         hint = ", or pc1, pc2, ..." if stats.pca_components is not None else ""
         raise GridError(f"export.axes: unknown state component(s) {unknown}; known: {shown}{hint}")
     indices = [position[a] for a in axes]
-    limits = []
-    for i in indices:
-        lo, hi = stats.mean[i] - LIMIT_STDS * stats.std[i], stats.mean[i] + LIMIT_STDS * stats.std[i]
-        if stats.lo is not None and stats.hi is not None:
-            margin = RANGE_MARGIN * (stats.hi[i] - stats.lo[i])
-            clipped = max(lo, stats.lo[i] - margin), min(hi, stats.hi[i] + margin)
-            if clipped[1] > clipped[0]:
-                lo, hi = clipped
-        limits.append((float(lo), float(hi)))
+    limits = [_within_bounds(_default_limits(stats, i), bounds.get(name)) for name, i in zip(axes, indices, strict=True)]
     return indices, [state.units[i] for i in indices], limits
+
+
+def _default_limits(stats: GridStats, i: int) -> tuple[float, float]:
+    """Quantiles plus a margin within the observed range; or mean +/- 4 std within it (+10 %)."""
+    observed = stats.lo is not None and stats.hi is not None
+    quantiles = stats.quantile_range("values", i)
+    if quantiles is not None:
+        margin = QUANTILE_MARGIN * (quantiles[1] - quantiles[0])
+        lo, hi = quantiles[0] - margin, quantiles[1] + margin
+        span = (stats.lo[i], stats.hi[i]) if observed else (lo, hi)
+    else:
+        lo, hi = stats.mean[i] - LIMIT_STDS * stats.std[i], stats.mean[i] + LIMIT_STDS * stats.std[i]
+        margin = RANGE_MARGIN * (stats.hi[i] - stats.lo[i]) if observed else 0.0
+        span = (stats.lo[i] - margin, stats.hi[i] + margin) if observed else (lo, hi)
+    clipped = max(lo, span[0]), min(hi, span[1])
+    return (float(clipped[0]), float(clipped[1])) if clipped[1] > clipped[0] else (float(lo), float(hi))
+
+
+def _within_bounds(limits: tuple[float, float], bound) -> tuple[float, float]:
+    """Default limits clipped to a physical bound [lo|None, hi|None] (None: unbounded)."""
+    if not bound:
+        return limits
+    lo = limits[0] if bound[0] is None else max(limits[0], float(bound[0]))
+    hi = limits[1] if bound[1] is None else min(limits[1], float(bound[1]))
+    return (lo, hi) if hi > lo else limits  # data wholly outside its bounds: leave it to the warning
+
+
+def _check_bounds(name, lo, hi, bound):
+    below = bool(bound) and bound[0] is not None and lo < float(bound[0])
+    above = bool(bound) and bound[1] is not None and hi > float(bound[1])
+    if below or above:
+        log.warning("export.limits for %s: [%g, %g] crosses its physical bounds %s; no state lies "
+                    "beyond them (E = +inf there)", name, lo, hi, list(bound))
 
 
 def _pc_axes(state, stats, axes):
@@ -192,7 +253,14 @@ def _pc_axes(state, stats, axes):
         raise GridError(f"export.axes: {beyond} beyond the {k} principal components stored")
     units = sorted(set(state.units))
     unit = units[0] if len(units) == 1 else "mixed"
-    limits = [(-LIMIT_STDS * float(stats.pca_std[i]), LIMIT_STDS * float(stats.pca_std[i])) for i in indices]
+    limits = []
+    for i in indices:
+        quantiles = stats.quantile_range("pc_values", i)
+        if quantiles is None:
+            limits.append((-LIMIT_STDS * float(stats.pca_std[i]), LIMIT_STDS * float(stats.pca_std[i])))
+        else:
+            margin = QUANTILE_MARGIN * (quantiles[1] - quantiles[0])
+            limits.append((quantiles[0] - margin, quantiles[1] + margin))
     return indices, [unit] * len(axes), limits
 
 
@@ -208,7 +276,7 @@ def _parse_limits(limits, axes) -> list[tuple[float, float]]:
     return pairs
 
 
-def _check_limits(name, lo, hi, stats, component):
+def _check_limits(name, lo, hi, stats, component, counted):
     if not hi > lo:
         raise GridError(f"export.limits for {name}: [{lo}, {hi}] is empty (need lo < hi)")
     if component is None or stats.lo is None or stats.hi is None:
@@ -219,8 +287,10 @@ def _check_limits(name, lo, hi, stats, component):
                         f"(observed [{seen_lo}, {seen_hi}])")
     margin = RANGE_MARGIN * (seen_hi - seen_lo)
     if lo < seen_lo - margin or hi > seen_hi + margin:
-        log.warning("export.limits for %s: [%g, %g] extends beyond the data (observed [%g, %g]); "
-                    "energies there are extrapolations of the model", name, lo, hi, seen_lo, seen_hi)
+        log.warning("export.limits for %s: [%g, %g] extends beyond the data (observed [%g, %g]); %s",
+                    name, lo, hi, seen_lo, seen_hi,
+                    "the histogram's bins there are empty" if counted
+                    else "energies there are extrapolations of the model")
 
 
 def _reference(state, stats, axes, on_pcs, reference):

@@ -2,7 +2,10 @@
 
 File layout: `energy_map` (float32, ij indexing, E = -log p(x) in nats for the density in the
 physical units of the state), `axis_0`, `axis_1`, ... (float64 grid coordinates, physical
-units) and `metadata` (a 0-d string holding JSON). Nothing in the file is a Python object, so
+units) and `metadata` (a 0-d string holding JSON). Where they apply: `energy_std` (float32, the
+map's shape: the uncertainty of E in nats), `support` (float32, the map's shape: training
+states per bin around each grid point), `pc_vectors` (float64, n_axes x D) and `pc_origin`
+(float64, D) of maps on principal-component axes. Nothing in the file is a Python object, so
 `np.load(path, allow_pickle=False)` reads it and loading runs no code.
 """
 
@@ -53,15 +56,25 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+# Optional arrays of the file: per grid point (float32, the map's shape), and the pc frame (float64).
+GRID_ARRAYS = ("energy_std", "support")
+PC_ARRAYS = ("pc_vectors", "pc_origin")
+
+
 class EnergyMap:
     """An energy map on a regular grid, with its axes and provenance.
 
-    `energy(points)` interpolates multilinearly between grid points and returns the grid value
-    exactly at a grid point. Outside the grid it returns +inf: a state never mapped is treated
-    as unseen, i.e. unstable, and never extrapolated.
+    `energy(points)` interpolates multilinearly between grid points of a learned map and
+    returns the grid value exactly at a grid point; on a histogram map (metadata method
+    `histogram`) it returns the energy of the point's own bin (edges halfway between grid
+    points), as counting defines it. Outside the grid (outside the outer bins of a histogram)
+    it returns +inf: a state never mapped is treated as unseen, i.e. unstable, and never
+    extrapolated.
     """
 
-    def __init__(self, energy_map: np.ndarray, axes: Sequence[np.ndarray], metadata: dict[str, Any]):
+    def __init__(self, energy_map: np.ndarray, axes: Sequence[np.ndarray], metadata: dict[str, Any], *,
+                 energy_std: np.ndarray | None = None, support: np.ndarray | None = None,
+                 pc_vectors: np.ndarray | None = None, pc_origin: np.ndarray | None = None):
         self.energy_map = np.asarray(energy_map, dtype=np.float32)
         self.axes = tuple(np.asarray(a, dtype=np.float64) for a in axes)
         self.metadata = dict(metadata)
@@ -71,6 +84,20 @@ class EnergyMap:
         for i, axis in enumerate(self.axes):
             if axis.ndim != 1 or len(axis) < 2 or not np.all(np.diff(axis) > 0):
                 raise EnergyMapError(f"axis_{i} must be 1-D, strictly increasing, with >= 2 points")
+        self.energy_std = None if energy_std is None else np.asarray(energy_std, dtype=np.float32)
+        self.support = None if support is None else np.asarray(support, dtype=np.float32)
+        for name in GRID_ARRAYS:
+            value = getattr(self, name)
+            if value is not None and value.shape != shape:
+                raise EnergyMapError(f"{name} shape {value.shape} differs from the map's {shape}")
+        self.pc_vectors = None if pc_vectors is None else np.asarray(pc_vectors, dtype=np.float64)
+        self.pc_origin = None if pc_origin is None else np.asarray(pc_origin, dtype=np.float64)
+        if (self.pc_vectors is None) != (self.pc_origin is None):
+            raise EnergyMapError("pc_vectors and pc_origin come together")
+        if self.pc_vectors is not None and (self.pc_vectors.shape != (self.ndim, self.pc_origin.size)
+                                            or self.pc_origin.ndim != 1):
+            raise EnergyMapError(f"pc_vectors {self.pc_vectors.shape} must be (n_axes, D) for a pc_origin "
+                                 f"of shape (D,), got {self.pc_origin.shape}")
 
     @property
     def ndim(self) -> int:
@@ -84,11 +111,18 @@ class EnergyMap:
     def axis_units(self) -> list[str]:
         return [a.get("unit", "") for a in self.metadata.get("axes", [])] or [""] * self.ndim
 
+    @property
+    def is_histogram(self) -> bool:
+        """Counted, not learned: energies are per bin, looked up rather than interpolated."""
+        return self.metadata.get("method") == "histogram"
+
     # -- file -----------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
         """Write the `.npz` atomically: a killed write leaves any previous file intact."""
         arrays = {f"axis_{i}": axis for i, axis in enumerate(self.axes)}
+        arrays.update({name: getattr(self, name) for name in (*GRID_ARRAYS, *PC_ARRAYS)
+                       if getattr(self, name) is not None})
         text = json.dumps(json_safe(self.metadata), sort_keys=True, allow_nan=False)
         # A file object, not a name: np.savez appends ".npz" to names lacking it (the temp name).
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
@@ -104,22 +138,28 @@ class EnergyMap:
                 axes = [data[f"axis_{i}"] for i in range(n_axes)]
                 energy_map = data["energy_map"]
                 metadata = json.loads(str(data["metadata"][()]))
+                extra = {name: data[name] for name in (*GRID_ARRAYS, *PC_ARRAYS) if name in data.files}
         except (OSError, ValueError, KeyError, EOFError) as exc:
             raise EnergyMapError(f"{path}: not a readable energy map: {exc}") from None
         try:
-            return cls(energy_map, axes, metadata)
+            return cls(energy_map, axes, metadata, **extra)
         except EnergyMapError as exc:
             raise EnergyMapError(f"{path}: {exc}") from None
 
     # -- queries --------------------------------------------------------------------------
 
     def energy(self, points: Any) -> np.ndarray:
-        """E at `points` (N, n_axes) in physical units -> (N,) float64 nats; +inf outside the grid."""
+        """E at `points` (N, n_axes) in physical units -> (N,) float64 nats; +inf outside the grid.
+
+        Learned maps interpolate multilinearly; histogram maps return the point's own bin.
+        """
         points = np.asarray(points, dtype=np.float64)
         if self.ndim == 1 and points.ndim == 1:
             points = points[:, None]
         if points.ndim != 2 or points.shape[1] != self.ndim:
             raise ValueError(f"points must have shape (N, {self.ndim}), got {points.shape}")
+        if self.is_histogram:
+            return self._bin_energy(points)
         n = len(points)
         inside = np.all(np.isfinite(points), axis=1)
         lower, frac = [], []
@@ -141,6 +181,42 @@ class EnergyMap:
                 result += np.where(weight > 0, weight * corner_values, 0.0)
         result[~inside] = np.inf
         return result
+
+    def _bin_energy(self, points: np.ndarray) -> np.ndarray:
+        """The energy of each point's bin; +inf outside the outer bin edges (a point on an
+        inner edge belongs to the upper bin, as the histogram counted it)."""
+        index, inside = [], np.all(np.isfinite(points), axis=1)
+        for d, axis in enumerate(self.axes):
+            mid = 0.5 * (axis[1:] + axis[:-1])
+            edges = np.concatenate([[axis[0] - (mid[0] - axis[0])], mid, [axis[-1] + (axis[-1] - mid[-1])]])
+            x = points[:, d]
+            inside &= (x >= edges[0]) & (x < edges[-1])
+            index.append(np.clip(np.searchsorted(edges, x, side="right") - 1, 0, len(axis) - 1))
+        result = self.energy_map.astype(np.float64)[tuple(index)]
+        result[~inside] = np.inf
+        return result
+
+    def project(self, states: Any) -> np.ndarray:
+        """Map coordinates (N, n_axes) of full flat states (N, D) or (N, *state shape) in physical
+        units: their principal coefficients on a pc map, their axis components otherwise.
+
+        `m.energy(m.project(states))` places any recorded state on the map.
+        """
+        states = np.asarray(states, dtype=np.float64)
+        flat = states.reshape(len(states), -1)
+        if self.pc_vectors is not None:
+            if flat.shape[1] != self.pc_origin.size:
+                raise ValueError(f"states have {flat.shape[1]} components, the map's pc_vectors "
+                                 f"{self.pc_origin.size}")
+            return (flat - self.pc_origin) @ self.pc_vectors.T
+        columns = [a.get("component") for a in self.metadata.get("axes", [])]
+        if len(columns) != self.ndim or any(c is None for c in columns):
+            raise ValueError("this map does not record which state components its axes are "
+                             "(metadata axes[i].component); pass map coordinates to energy()")
+        dim = int(np.prod(self.metadata.get("state", {}).get("shape", [flat.shape[1]])))
+        if flat.shape[1] != dim:
+            raise ValueError(f"states have {flat.shape[1]} components, the map's state {dim}")
+        return flat[:, columns]
 
     def minima(self, radius: int = 1) -> list[Minimum]:
         """Local minima, lowest first: finite grid values that are the minimum of their window.

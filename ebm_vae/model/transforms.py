@@ -12,10 +12,15 @@ in the physical units of the state.
 
 The stream yields physical float32 states; a transform runs inside the model (on its
 device), so normalisation costs nothing on the data-loading side.
+
+`build_transform` picks one per state: `PrincipalField` for field states (the learned core
+models r whitened principal coefficients, an exact Gaussian the residual; it contains
+probabilistic PCA), `Standardize` (z-scoring) for vector states.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -24,6 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from ebm_vae.data.extractors.base import StateInfo
+from ebm_vae.data.principal import noise_floor, noise_variance
+
+LOG_2PI = math.log(2.0 * math.pi)
 
 
 class StateTransform(nn.Module, ABC):
@@ -60,10 +68,11 @@ class StateTransform(nn.Module, ABC):
         """
 
     @abstractmethod
-    def inverse(self, u: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def inverse(self, u: Tensor, generator: torch.Generator | None = None, *, draw: bool = True) -> Tensor:
         """Physical states (N, D) of model coordinates u: draws x ~ p(x | u), so that samples of
         the core density become samples of p(x) (a deterministic inverse where x is a function
-        of u; a draw of the closed-form part, e.g. a residual, where it is not)."""
+        of u; a draw of the closed-form part, e.g. a residual, where it is not). `draw=False`
+        gives the mean of p(x | u) instead (reconstructions)."""
 
 
 class Standardize(StateTransform):
@@ -94,10 +103,119 @@ class Standardize(StateTransform):
         log_det = torch.full((x.shape[0],), -self.log_scale, device=x.device, dtype=torch.float64)
         return u.reshape(x.shape[0], *self.out_shape), log_det
 
-    def inverse(self, u: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def inverse(self, u: Tensor, generator: torch.Generator | None = None, *, draw: bool = True) -> Tensor:
         return u.reshape(u.shape[0], -1) * self.std + self.mean
 
 
-def build_transform(state: StateInfo, capsule: dict[str, Any] | None = None) -> StateTransform:
-    """The transform of a state: z-scoring per component (more kinds plug in here)."""
+class PrincipalField(StateTransform):
+    """The field density: r learned principal coefficients and an exact Gaussian residual.
+
+    A field state x (D = C x H x W components, physical units) is split by an orthonormal
+    basis W (r x D, the leading principal directions of the data) into coefficients and a
+    residual in the (D - r)-dimensional orthogonal complement:
+
+        c = x - mu,   a = W c,   u_j = a_j / sqrt(lambda_j),   e = c - W^T a.
+
+    The learned core models only the whitened coefficients u; the residual is modelled
+    exactly by isotropic noise N(0, s^2 I) in the complement. x -> (a, e) is orthogonal, so
+
+        log p(x) = log p_core(u) - 1/2 sum_j log lambda_j - (D - r)/2 log(2 pi s^2) - |e|^2 / (2 s^2),
+
+    every term after the first being `log_det`, and any bound on log p_core(u) (ELBO, IWAE) is
+    a bound on log p(x). With a standard-normal core this is probabilistic PCA of rank r
+    (Tipping & Bishop 1999: covariance W^T Lambda W + s^2 (I - W^T W)); with the statistics'
+    lambda_j and s^2 (leading eigenvalues of the sample covariance, mean of the others) it is
+    PPCA's maximum-likelihood fit, so the learned core starts from PPCA and adds what a
+    Gaussian misses. Derivation, rank rule and limits: docs/ARCHITECTURE.md, "Field density".
+
+    Buffers (float64, physical units): `mean` (D,), `basis` (r, D) orthonormal rows,
+    `eigenvalues` (r,) the variances along them, `noise_variance` () s^2 of the residual.
+    float64 throughout: the residual term sums hundreds of squares of small differences of
+    large numbers (fields of ~300 K varying by 0.01 K), where float32 would cost nats.
+    """
+
+    def __init__(self, state: StateInfo, rank: int):
+        super().__init__(state)
+        dim = state.dim
+        if not 1 <= rank < dim:
+            raise ValueError(f"field rank must be in [1, {dim - 1}] for a state of {dim} components, got {rank}")
+        self.rank = rank
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("basis", torch.eye(rank, dim, dtype=torch.float64))
+        self.register_buffer("eigenvalues", torch.ones(rank, dtype=torch.float64))
+        self.register_buffer("noise_variance", torch.ones((), dtype=torch.float64))
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return (self.rank,)
+
+    @property
+    def log_scale(self) -> float:
+        """The log-volume of whitening, x -> (u, e / s): 1/2 sum log lambda_j + (D - r) log s.
+
+        So the logged `val/*` losses are -log p of the whitened state (u, e / s), the
+        residual's standard-normal density included.
+        """
+        residual_dims = self.state.dim - self.rank
+        return float(0.5 * torch.log(self.eigenvalues).sum() + 0.5 * residual_dims * torch.log(self.noise_variance))
+
+    def set_statistics(self, stats: Any) -> None:
+        """Basis, variances and residual variance from `stats.pca` (see `principal_summary`).
+
+        The basis rows are re-orthonormalised in float64 (JSON round trips and float32 copies
+        leave them orthonormal only to ~1e-7, and the Jacobian assumes exactly orthonormal).
+        """
+        pca = getattr(stats, "pca", None) or {}
+        components = np.asarray(pca.get("components", np.zeros((0, self.state.dim))), dtype=np.float64)
+        if len(components) < self.rank:
+            raise ValueError(f"the statistics hold {len(components)} principal components; the field "
+                             f"density needs {self.rank} (raise crawl.n_components and re-run the "
+                             f"statistics pass)")
+        mean = np.asarray(stats.mean, dtype=np.float64).reshape(self.state.dim)
+        if "eigenvalues" in pca:
+            eigenvalues = np.asarray(pca["eigenvalues"], dtype=np.float64)
+            total = float(pca["total_variance"])
+        else:  # statistics written before the spectrum was stored
+            eigenvalues = np.square(np.asarray(pca["std"], dtype=np.float64))
+            total = float(np.sum(np.square(np.asarray(stats.raw_std, dtype=np.float64))))
+        floor = float(pca["noise_floor"]) if "noise_floor" in pca else noise_floor(mean, total)
+        s2 = noise_variance(eigenvalues, total, self.state.dim, self.rank, floor)
+        q, r = np.linalg.qr(components[: self.rank].T)
+        basis = (q * np.sign(np.diag(r))).T  # the same directions, exactly orthonormal
+        def buffer(values: Any) -> Tensor:
+            return torch.as_tensor(values, dtype=torch.float64, device=self.mean.device)
+
+        self.mean, self.basis = buffer(mean), buffer(basis)
+        # PPCA's leading variances are never below the residual's (equal where the data are flat)
+        self.eigenvalues = buffer(np.maximum(eigenvalues[: self.rank], s2))
+        self.noise_variance = buffer(s2)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        centred = x.reshape(x.shape[0], -1).double() - self.mean
+        coefficients = centred @ self.basis.T
+        residual = centred - coefficients @ self.basis
+        u = coefficients / torch.sqrt(self.eigenvalues)
+        residual_dims = self.state.dim - self.rank
+        log_det = (-0.5 * torch.log(self.eigenvalues).sum()
+                   - 0.5 * residual_dims * (LOG_2PI + torch.log(self.noise_variance))
+                   - 0.5 * residual.square().sum(dim=1) / self.noise_variance)
+        return u.float(), log_det
+
+    def inverse(self, u: Tensor, generator: torch.Generator | None = None, *, draw: bool = True) -> Tensor:
+        """mu + W^T (sqrt(lambda) u), plus a draw of the residual noise (without `draw`: the
+        mean of p(x | u), the reconstruction from the coefficients alone)."""
+        x = self.mean + (u.reshape(u.shape[0], -1).double() * torch.sqrt(self.eigenvalues)) @ self.basis
+        if draw:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+            noise = noise - (noise @ self.basis.T) @ self.basis  # projected onto the complement
+            x = x + torch.sqrt(self.noise_variance) * noise
+        return x.float()
+
+
+def build_transform(state: StateInfo, capsule: dict[str, Any] | None = None,
+                    field_rank: int | None = None) -> StateTransform:
+    """The transform of a state: `PrincipalField` of `field_rank` coefficients for a field state
+    (the rank the statistics chose: `Stats.field_rank`), z-scoring otherwise."""
+    if state.kind == "field" and field_rank is not None:
+        return PrincipalField(state, int(field_rank))
     return Standardize(state)

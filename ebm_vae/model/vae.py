@@ -42,8 +42,9 @@ class VAE(L.LightningModule):
         state: `StateInfo.to_dict()` of the capsule's state.
         capsule: the capsule config as a plain dict.
         stats_meta: a small summary of the statistics (count, created, files) for provenance.
-        arch: "mlp", "conv", or "auto" (conv for field states, mlp for vectors).
-        latent_dim: None = auto (min(D, 16) for vectors, 16 for fields).
+        arch: "mlp", "conv", or "auto" (conv where the model coordinates are an image, mlp for
+            vectors, including the principal coefficients of a field).
+        latent_dim: None = auto (min(dim, 16) of the model coordinates; 16 for images).
         hidden, n_layers: MLP width and depth (mlp encoder/decoder).
         channels: first conv width (doubling per stride-2 level, capped at 128).
         val_k: importance samples of the validation bound `val/iwae`.
@@ -63,13 +64,16 @@ class VAE(L.LightningModule):
         state = to_container(state)
         capsule, stats_meta = to_container(capsule or {}), to_container(stats_meta or {})
         info = StateInfo.from_dict(state)
-        if arch == "auto":
-            arch = "conv" if info.kind == "field" else "mlp"
+        # fields: the statistics' rank of the principal coefficients the core models (train.py)
+        transform = build_transform(info, capsule, field_rank=stats_meta.get("field_rank"))
+        model_shape = transform.out_shape
+        if arch == "auto":  # conv for images (C, H, W), an MLP for vectors (principal coefficients)
+            arch = "conv" if len(model_shape) == 3 else "mlp"
         if latent_dim is None:
-            latent_dim = min(info.dim, 16) if info.kind != "field" else 16
+            latent_dim = 16 if len(model_shape) == 3 else min(math.prod(model_shape), 16)
         self.save_hyperparameters()
         self.state_info = info
-        self.transform = build_transform(info, capsule)
+        self.transform = transform
         self.encoder, self.decoder = build_networks(arch, self.transform.out_shape, latent_dim, hidden,
                                                     n_layers, channels)
         # The crawl's statistics of the data (grids, default map limits, provenance); the
@@ -226,7 +230,7 @@ class VAE(L.LightningModule):
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, batch_size=n,
                       prog_bar=False)
         if batch_idx == 0:
-            self._recon_examples = x[:4].detach()
+            self._recon_examples = self._states(batch)[:4].detach()  # physical units
 
     def on_validation_end(self) -> None:
         """After the epoch's metrics are reduced: the hp metric (best val/iwae) and images."""
@@ -297,8 +301,11 @@ class VAE(L.LightningModule):
             image = energy.view(resolution, resolution).T.flip(0)  # rows: second axis, upwards
             writer.add_image("val/energy_slice", _colorize(image), self.global_step, dataformats="HWC")
         if self.state_info.kind == "field" and self._recon_examples is not None:
-            x = self._recon_examples.float()
-            recon, _ = self.decode(self.encode(x)[0])
+            x = self._recon_examples.float().reshape(len(self._recon_examples), -1)
+            u, _ = self.transform(x)
+            recon = self.transform.inverse(self.decode(self.encode(u)[0])[0], draw=False)
+            x, recon = (((v - self.norm_mean) / self.norm_std).view(-1, *self.state_info.shape)
+                        for v in (x, recon))
             # each row: the sample's channels, then their reconstructions; z-units -3..3 to grey
             rows = [torch.cat([*xi, *ri], dim=-1) for xi, ri in zip(x, recon, strict=True)]
             grid = ((torch.cat(rows, dim=-2) + 3.0) / 6.0).clamp(0, 1)

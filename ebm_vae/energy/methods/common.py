@@ -1,0 +1,158 @@
+"""What the ways of making a map share: the request, the index and checkpoint they read, the
+grid's statistics and the metadata every `.npz` carries."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from ebm_vae import __version__
+from ebm_vae.config import CapsuleConfig, to_container
+from ebm_vae.data.extractors.base import StateInfo
+from ebm_vae.energy.grid import GridStats, StateGrid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MapRequest:
+    """One export: the composed `export` config and the capsule it maps.
+
+    The index statistics and the checkpoint are read on first use and kept, so a method that
+    delegates to another (auto) does not read them twice.
+    """
+
+    cfg: DictConfig
+    capsule: CapsuleConfig
+
+    @property
+    def export(self) -> DictConfig:
+        return self.cfg.export
+
+    @property
+    def checkpoint_path(self) -> Path:
+        if self.cfg.ckpt:
+            return Path(self.cfg.ckpt)
+        return Path(self.cfg.paths.checkpoints) / self.capsule.name / "last.ckpt"
+
+    @functools.cached_property
+    def index_stats(self):
+        """The crawl's statistics of the capsule (`ebm_vae.data.stats.Stats`), or None."""
+        from ebm_vae.data.stats import Stats
+
+        path = Path(self.cfg.paths.index) / self.capsule.name / "stats.json"
+        return Stats.load(path) if path.is_file() else None
+
+    def require_index_stats(self):
+        if self.index_stats is None:
+            raise FileNotFoundError(
+                f"{Path(self.cfg.paths.index) / self.capsule.name / 'stats.json'}: no statistics for "
+                f"capsule '{self.capsule.name}'; run `ebm-vae-crawl data.root=DIR` first")
+        return self.index_stats
+
+    @functools.cached_property
+    def vae(self):
+        """The checkpoint's model on `export.device`, checked to be of this capsule."""
+        from ebm_vae.energy.model import load_vae
+
+        ckpt = self.checkpoint_path
+        vae = load_vae(ckpt, self.export.device)
+        trained_on = vae.hparams.capsule.get("name")
+        if trained_on != self.capsule.name:
+            raise ValueError(f"{ckpt}: a checkpoint of capsule '{trained_on}', not of capsule="
+                             f"'{self.capsule.name}'; pass capsule={trained_on} or the ckpt=PATH of a "
+                             f"{self.capsule.name} run")
+        return vae
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        stat = self.checkpoint_path.stat()
+        return {"path": str(self.checkpoint_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+    def grid(self, state: StateInfo, stats: GridStats, counted: bool = False,
+             bounds: dict[str, list] | None = None) -> StateGrid:
+        """The map's grid; `bounds` default to the capsule's (a checkpoint passes its own)."""
+        ex = self.export
+        bounds = to_container(self.capsule.bounds) if bounds is None else bounds
+        return StateGrid.build(state, stats, ex.axes, ex.limits, ex.resolution, to_container(ex.reference),
+                               counted=counted, bounds=bounds)
+
+
+def wants_slice(export: DictConfig, state: StateInfo, n_axes: int) -> bool:
+    """Whether the map is a slice through a state with more components than map axes (a
+    quantity no histogram can count); otherwise the map is the marginal of its axes."""
+    return state.dim > n_axes
+
+
+def vae_grid_stats(vae, index_stats) -> GridStats:
+    """The checkpoint's normalisation (what the model was trained with) and principal basis;
+    the observed range, for default limits and checks, from the index when it describes the
+    same state."""
+    def array(t):
+        return t.detach().double().cpu().numpy()
+
+    has_pca = vae.pca_components.shape[0] > 0
+    same_state = index_stats is not None and index_stats.state == vae.hparams.state
+    components = array(vae.pca_components) if has_pca else None
+    # quantiles of principal coefficients hold for the basis they were taken in
+    same_basis = same_state and (not has_pca or (index_stats.pca is not None and np.allclose(
+        np.asarray(index_stats.pca["components"]), components, atol=1e-5)))
+    return GridStats(mean=array(vae.norm_mean), std=array(vae.norm_std),
+                     lo=index_stats.min if same_state else None, hi=index_stats.max if same_state else None,
+                     pca_components=components, pca_std=array(vae.pca_std) if has_pca else None,
+                     quantiles=index_stats.quantiles if same_basis else None)
+
+
+def map_metadata(capsule: CapsuleConfig, grid: StateGrid, *, method: str, k: int | None,
+                 definition: str, source_files: list, checkpoint: dict | None,
+                 normalization: dict, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "capsule": capsule.name,
+        "axes": [{"name": a.name, "unit": a.unit, "limits": [a.values[0], a.values[-1]],
+                  "points": len(a.values), ("pc" if grid.on_pcs else "component"): a.index}
+                 for a in grid.axes],
+        "method": method,
+        "k": k,
+        "reference_state": grid.reference_metadata(),
+        "state": {"kind": grid.state.kind, "shape": list(grid.state.shape),
+                  "channels": list(grid.state.channel_names) or list(grid.state.names),
+                  "units": list(grid.state.channel_units) or list(grid.state.units)},
+        "source_files": source_files,
+        "checkpoint": checkpoint,
+        "normalization": normalization,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "energy_definition": definition,
+        "energy_unit": "nats",
+        "ebm_vae_version": __version__,
+        **extra,
+    }
+
+
+def pc_arrays(grid: StateGrid) -> dict[str, np.ndarray]:
+    """`pc_vectors` and `pc_origin` for a map on pc axes (keywords of `EnergyMap`), else none."""
+    frame = grid.pc_frame()
+    return {} if frame is None else {"pc_vectors": frame[0], "pc_origin": frame[1]}
+
+
+def normalization(state: StateInfo, stats: GridStats, log_jacobian: float) -> dict[str, Any]:
+    """Per-component mean/std for vector states; for field states a per-channel summary
+    (thousands of pixels would dwarf the map) and the principal stds."""
+    out: dict[str, Any] = {"log_jacobian": log_jacobian}
+    if state.kind != "field":
+        out["mean"] = dict(zip(state.names, stats.mean.tolist(), strict=True))
+        out["std"] = dict(zip(state.names, stats.std.tolist(), strict=True))
+        return out
+    per_channel = (np.asarray(stats.mean).reshape(state.shape[0], -1),
+                   np.asarray(stats.std).reshape(state.shape[0], -1))
+    out["channels"] = {name: {"mean_of_mean": float(m.mean()), "mean_of_std": float(s.mean()),
+                              "min_std": float(s.min()), "max_std": float(s.max())}
+                       for name, m, s in zip(state.channel_names, *per_channel, strict=True)}
+    if stats.pca_std is not None:
+        out["pca_std"] = np.asarray(stats.pca_std).tolist()
+    return out
