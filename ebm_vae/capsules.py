@@ -1,7 +1,10 @@
 """The one registry of capsules: built-in YAML in `conf/capsule/` plus users' config dirs.
 
-A capsule file is data, never code: it is validated against `CapsuleConfig` (unknown keys,
-`_target_` included, fail with the key and the file named) and nothing in it is instantiated.
+A capsule file is data, never code: it is parsed with a safe YAML loader (a tag that would
+construct an object, `!!python/object/apply:...`, is refused, not run), validated against
+`CapsuleConfig` (unknown keys, `_target_` included, fail with the key and the file named), and
+nothing in it is instantiated. A log rule is compiled by RE2, which has no backtracking: a
+pattern cannot make a read take more than linear time.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -73,6 +77,7 @@ def _check_variable_keys(capsule: CapsuleConfig, source: str) -> None:
                                f"capsule's variables {list(capsule.variables)}")
     if capsule.csv.skip_rows < 0:
         raise CapsuleError(f"{source}: invalid capsule key 'csv.skip_rows': must be >= 0")
+    _check_log_rule(capsule, source)
     for name, pair in capsule.bounds.items():
         try:
             lo, hi = (None if v is None else float(v) for v in pair)
@@ -84,12 +89,48 @@ def _check_variable_keys(capsule: CapsuleConfig, source: str) -> None:
                                "bound (need lo < hi, at most one of them null)")
 
 
+def _check_log_rule(capsule: CapsuleConfig, source: str) -> None:
+    """`log.pattern` compiles in RE2, its groups are named after variables (or `timestamp`);
+    without a pattern, `log.timestamp_format` must say where a leading timestamp ends."""
+    from ebm_vae.data.readers.log import TIMESTAMP, format_regex, pattern_groups
+
+    log = capsule.log
+    if log.pattern is not None:
+        try:
+            groups = pattern_groups(log.pattern)
+        except ValueError as exc:
+            raise CapsuleError(f"{source}: invalid capsule key 'log.pattern': {exc}") from None
+        unknown = [g for g in groups if g not in capsule.variables and g != TIMESTAMP]
+        if unknown:
+            raise CapsuleError(f"{source}: invalid capsule key 'log.pattern': group '{unknown[0]}' is not "
+                               f"one of the capsule's variables {list(capsule.variables)} (or 'timestamp')")
+    elif log.timestamp_format is not None:
+        try:
+            format_regex(log.timestamp_format)
+        except ValueError as exc:
+            raise CapsuleError(f"{source}: invalid capsule key 'log.timestamp_format': {exc}") from None
+
+
+def _yaml_reason(exc: Exception) -> str:
+    """A YAML error on one line: the problem and where (PyYAML's messages span lines)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = exc.problem or exc.context or type(exc).__name__
+        if "constructor for the tag" in problem:
+            problem += " (YAML tags that construct objects are not allowed: a capsule is data)"
+        return f"not valid YAML{where}: {problem}"
+    if isinstance(exc, OSError):
+        return f"cannot read: {exc.strerror or exc}"
+    return f"not valid YAML: {' '.join(str(exc).split())}"
+
+
 def load_capsule_file(path: str | Path) -> CapsuleConfig:
     path = Path(path)
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception as exc:  # YAML syntax errors and unreadable files
-        raise CapsuleError(f"{path}: cannot read capsule file: {exc}") from None
+    except Exception as exc:  # YAML syntax errors, tags that would construct objects, unreadable files
+        raise CapsuleError(f"{path}: {_yaml_reason(exc)}") from None
     capsule = parse_capsule(data, source=str(path))
     if capsule.name != path.stem:
         raise CapsuleError(f"{path}: capsule.name '{capsule.name}' differs from the file name '{path.stem}'")

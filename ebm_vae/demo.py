@@ -1,7 +1,9 @@
 """Demo data: small, schema-true physics files and a whole tree that looks like an external drive.
 
 The writers produce the layouts the capsules read (the Well's MHD layout and a plain HDF5
-layout for fusion, NetCDF temperature maps for wafer, CSV/Parquet frequency logs for grid)
+layout for fusion, NetCDF temperature maps for wafer, CSV/Parquet frequency logs and PMU
+event logs for grid, a plasma shot log for the `shots` user capsule that `write_shot_capsule`
+defines)
 from simple but physically sensible processes, so that tests, the README's demo run and the
 benchmarks all exercise the same code paths as real data. Every file is deterministic for a
 seed. Files are written in place rather than through `ebm_vae.io`: the tree is regenerated
@@ -14,9 +16,11 @@ symlink loop. Its summary lists, per file, the capsule a correct crawl assigns.
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import struct
+import textwrap
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -372,6 +376,90 @@ def write_grid_parquet(path, n_rows: int = 1000, buses: int = 1, with_phase: boo
     return path
 
 
+# --------------------------------------------------------------------------- text logs (grid, shots)
+
+
+def _bad_rows(rng: np.random.Generator, n_rows: int, bad_fraction: float) -> np.ndarray:
+    """Exactly max(1, round(bad_fraction * n_rows)) distinct rows (0 when bad_fraction is 0)."""
+    n_bad = 0 if bad_fraction <= 0 else min(n_rows, max(1, round(bad_fraction * n_rows)))
+    return rng.choice(n_rows, n_bad, replace=False)
+
+
+def _write_lines(path: Path, lines: list[str]) -> Path:
+    """One line each; a name ending in `.gz` gets a gzip stream (rotated logs)."""
+    data = ("\n".join(lines) + "\n").encode()
+    path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+    return path
+
+
+def write_pmu_log(path, n_rows: int = 1000, seed: int = 0, dt: float = 0.1, nominal: float = 50.0,
+                  start: str = EPOCH, device: str = "PMU-07", bad_fraction: float = 0.01) -> Path:
+    """A PMU event log: per sample `<ISO time>Z <device> frequency=<Hz> phase_angle=<rad> status=OK`.
+
+    Exactly `max(1, round(bad_fraction * n_rows))` of the n_rows lines are not samples: event
+    lines (`EVENT resync after GPS loss`), a value that is not a number, a line cut short. A
+    name ending in `.gz` writes a gzip stream (a rotated log).
+    """
+    path = _prepare(path)
+    rng = np.random.default_rng(seed)
+    columns = _grid_columns(n_rows, 1, True, seed, dt, nominal, start)
+    stamps = np.datetime_as_string(columns["timestamp"], unit="ms")
+    lines = [f"{t}Z {device} frequency={f:.6f} phase_angle={p:.6f} status=OK"
+             for t, f, p in zip(stamps, columns["frequency"], columns["phase_angle"], strict=True)]
+    for k, i in enumerate(_bad_rows(rng, n_rows, bad_fraction)):
+        lines[i] = (f"{stamps[i]}Z {device} EVENT resync after GPS loss",
+                    f"{stamps[i]}Z {device} frequency=ERR phase_angle=0.0 status=FAULT",
+                    lines[i][: lines[i].index(" phase_angle=")])[k % 3]
+    return _write_lines(path, lines)
+
+
+SHOT_VARIABLES = ("ip", "ne", "te")  # plasma current (MA), line-averaged density (1e19 m^-3), Te (keV)
+SHOT_CAPSULE = textwrap.dedent("""\
+    # Plasma shot log (a text log, one line per shot): Ip, line-averaged density, core Te.
+    name: shots
+    match:
+      name: ["*shotlog*"]
+    extractor: table
+    variables: [ip, ne, te]
+    units: [MA, 1e19 m^-3, keV]
+    log:
+      pattern: '^(?P<timestamp>\\S+ \\S+) \\| shot \\d+ \\| Ip=(?P<ip>\\S+) MA \\| ne=(?P<ne>\\S+) 1e19/m3 \\| Te=(?P<te>\\S+) keV'
+      timestamp_format: "%Y-%m-%d %H:%M:%S"
+    """)
+
+
+def write_shot_capsule(config_dir) -> Path:
+    """The `shots` capsule as a user writes it: `<config_dir>/capsule/shots.yaml`."""
+    path = _prepare(Path(config_dir) / "capsule" / "shots.yaml")
+    path.write_text(SHOT_CAPSULE, encoding="utf-8")
+    return path
+
+
+def write_shot_log(path, n_shots: int = 500, seed: int = 0, start: str = "2024-03-04T08:00:00",
+                   bad_fraction: float = 0.02) -> Path:
+    """A tokamak shot log: `<date> <time> | shot N | Ip=.. MA | ne=.. 1e19/m3 | Te=.. keV | ok`.
+
+    Ip ~ U(0.4, 1.6) MA; ne is a Greenwald fraction (Beta(4, 3) x 0.9) of n_G = Ip / (pi a^2),
+    a = 0.5 m; Te ~ 2.5 keV (Ip / 1 MA)^0.6 (ne / 4e19)^-0.4 x log-normal(0.1): three correlated
+    positive scalars. Exactly `max(1, round(bad_fraction * n_shots))` lines are not records:
+    disruptions without profile data, operator notes, a value that is not a number.
+    """
+    path = _prepare(path)
+    rng = np.random.default_rng(seed)
+    ip = rng.uniform(0.4, 1.6, n_shots)
+    ne = 0.9 * rng.beta(4.0, 3.0, n_shots) * ip / (np.pi * 0.5**2) * 10.0
+    te = 2.5 * ip**0.6 * (ne / 4.0) ** -0.4 * rng.lognormal(0.0, 0.1, n_shots)
+    times = np.datetime64(start, "s") + np.cumsum(rng.integers(600, 1800, n_shots)).astype("timedelta64[s]")
+    stamps = [str(t).replace("T", " ") for t in times]
+    lines = [f"{t} | shot {10000 + i} | Ip={a:.4f} MA | ne={b:.4f} 1e19/m3 | Te={c:.4f} keV | ok"
+             for i, (t, a, b, c) in enumerate(zip(stamps, ip, ne, te, strict=True))]
+    for k, i in enumerate(_bad_rows(rng, n_shots, bad_fraction)):
+        lines[i] = (f"{stamps[i]} | shot {10000 + i} | DISRUPTION at t=0.8 s - no profile data",
+                    f"### {stamps[i]} shift change, operator notes follow",
+                    lines[i].replace(f"Te={te[i]:.4f}", "Te=n/a"))[k % 3]
+    return _write_lines(path, lines)
+
+
 # --------------------------------------------------------------------------- faults and decoys
 
 
@@ -521,14 +609,17 @@ class _Tree:
         }
 
 
-def make_demo_tree(root, scale: float = 1.0, seed: int = 0, *, n: int = 64) -> dict:
+def make_demo_tree(root, scale: float = 1.0, seed: int = 0, *, n: int = 64,
+                   config_dir: str | os.PathLike | None = None) -> dict:
     """Write the demo drive under `root` and return its summary.
 
     Summary keys: root, total_files, total_bytes, capsules {name or "none": {files, bytes}},
     files {relpath: {capsule (what a correct crawl assigns, even for faulty files), kind, bytes}},
-    skipped (hidden files a crawl must not see), symlinks {relpath: target}.
+    skipped (hidden files a crawl must not see), symlinks {relpath: target}, config_dir.
     `scale` multiplies sample counts (snapshots, rows); past the per-file caps it adds files.
     Fusion and wafer maps are n x n (the capsules' native 64 x 64 by default).
+    With `config_dir`, the `shots` user capsule is written there (`capsule/shots.yaml`, pass
+    the folder with `--config-dir`) and its plasma shot log into the tree; without, neither.
     """
     root = Path(root)
     tree = _Tree(root, seed)
@@ -571,6 +662,13 @@ def make_demo_tree(root, scale: float = 1.0, seed: int = 0, *, n: int = 64) -> d
                     "n_rows", rows(50_000), row_cap, with_phase=False, start="2024-04-01T00:00:00")
     tree.add("grid/2024/grid_frequency_2024_05.csv", "grid", "junk", write_junk_csv)
     tree.add("grid/2024/grid_frequency_2024_06.parquet", "grid", "corrupt", write_corrupt_parquet)
+    # PMU event logs: the current one, two rotated ones (the older compressed), and a station
+    # whose file name says nothing (its key=value lines assign it to grid)
+    for name, day in (("pmu_grid_07.log", 3), ("pmu_grid_07.log.1", 2), ("pmu_grid_07.log.2.gz", 1)):
+        tree.add(f"grid/pmu/{name}", "grid", "event_log", write_pmu_log, n_rows=min(rows(20_000), row_cap),
+                 start=f"2024-05-0{day}T00:00:00")
+    tree.add("grid/pmu/station_12_events.log", "grid", "log_by_content", write_pmu_log,
+             n_rows=min(rows(10_000), row_cap), device="PMU-12", start="2024-05-01T00:00:00")
 
     old = "archive/2023/q4"
     tree.add_series(f"{old}/MHD_32_legacy.h5", "fusion", "well", write_fusion_well, "n_time",
@@ -586,7 +684,11 @@ def make_demo_tree(root, scale: float = 1.0, seed: int = 0, *, n: int = 64) -> d
     tree.add("lab/run_0007.h5", "fusion", "metadata_only", write_metadata_only_fusion, n=n)
     tree.add(".cache/MHD_cached.h5", "fusion", "hidden", write_fusion_plain, hidden=True, n=8, nz=2)
     tree.symlink("archive/2023/loop", "..")
-    return tree.summary()
+    if config_dir is not None:
+        write_shot_capsule(config_dir)
+        tree.add("campaigns/2024/shots/shotlog_2024_03.log", "shots", "shot_log", write_shot_log,
+                 n_shots=min(count(2_000, 100), row_cap))
+    return {**tree.summary(), "config_dir": None if config_dir is None else str(config_dir)}
 
 
 # (weight, name prefix, extension, capsule, writer, kwargs): mostly data files of a few KB.

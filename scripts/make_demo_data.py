@@ -4,6 +4,8 @@ The default tree (scale 1) is ~70 MB and takes about a second: fusion HDF5 in th
 a plain layout, wafer NetCDF in K and degC, grid CSV/Parquet, plus decoys and faulty files.
 `--scale` multiplies sample counts (and files, past the per-file caps) up to GBs.
 `--many-small N` writes N tiny files instead (the crawl benchmark's tree).
+`--config-dir DIR` also writes the `shots` user capsule (DIR/capsule/shots.yaml) and its plasma
+shot log: pass the same `--config-dir DIR` to ebm-vae-crawl, -train and -export.
 Regenerating into the same folder overwrites the files; the content depends only on the seed.
 """
 
@@ -32,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="root of the tree to write (created if missing)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies sample counts (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config-dir", default=None, metavar="DIR",
+                        help="also write the `shots` user capsule here and its shot log into the tree")
     parser.add_argument("--many-small", type=int, metavar="N", default=None,
                         help="write N tiny files (crawl benchmark) instead of the demo tree")
     args = parser.parse_args(argv)
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.many_small is not None:
         summary = make_many_small_files(args.out_dir, n_files=args.many_small, seed=args.seed)
     else:
-        summary = make_demo_tree(args.out_dir, scale=args.scale, seed=args.seed)
+        summary = make_demo_tree(args.out_dir, scale=args.scale, seed=args.seed, config_dir=args.config_dir)
     _print_summary(summary, time.perf_counter() - start)
     return 0
 

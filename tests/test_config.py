@@ -49,7 +49,7 @@ def test_user_capsule_is_added_and_replaces_a_builtin(tmp_path):
         (USER_CAPSULE.replace("units: [rad, rad/s]", "units: [rad]"), "units"),
         (USER_CAPSULE.replace('match: {name: ["*pendulum*"]}', "match: {}"), "match"),
         (USER_CAPSULE.replace("name: pendulum", "name: other"), "differs"),
-        ("name: [unclosed\n", "cannot read"),
+        ("name: [unclosed\n", "not valid YAML"),
     ],
 )
 def test_bad_capsule_files_fail_naming_the_key_and_file(tmp_path, text, needle):

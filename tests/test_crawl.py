@@ -36,8 +36,8 @@ def _rows(manifest):
 def demo_crawl(tmp_path_factory):
     """The demo drive (tiny) and its manifest, shared by the read-only tests below."""
     base = tmp_path_factory.mktemp("demo")
-    summary = demo.make_demo_tree(base / "data", scale=0.01, n=8)
-    manifest = crawl(_cfg(base / "data", base / "out"))
+    summary = demo.make_demo_tree(base / "data", scale=0.01, n=8, config_dir=base / "conf")
+    manifest = crawl(_cfg(base / "data", base / "out", extra_dirs=[base / "conf"]))
     return summary, manifest, base
 
 
@@ -63,13 +63,30 @@ def test_faults_and_decoys_get_one_line_errors(demo_crawl):
     assert all(r.error.startswith("not a Parquet file: ") for r in by_kind["corrupt"])
     for r in by_kind["junk"]:  # junk values become NaN when read, the file itself is fine
         assert r.error is None and r.n_samples > 0 and r.format == "csv"
-    for r in by_kind["decoy"]:  # README, PNG, unrelated CSV: indexed, no capsule, no error
-        assert r.capsule is None and r.error is None and r.n_samples == 0
+    for r in by_kind["decoy"]:  # README, PNG, unrelated CSV: indexed, no capsule
+        assert r.capsule is None and r.n_samples == 0
+        # a text file is a log by its name, and says why no capsule takes it
+        assert r.error == ("no capsule's log rule parses its lines" if r.format == "log" else None)
     assert {r.path.rsplit("/", 1)[-1]: r.format for r in by_kind["decoy"]} == {
-        "README.txt": None, "IMG_0001.png": None, "sensor_log.csv": "csv"}
+        "README.txt": "log", "IMG_0001.png": None, "sensor_log.csv": "csv"}
     assert all("\n" not in (r.error or "") for r in rows.values())
     usable = [r for r in rows.values() if r.capsule and r.error is None]
     assert all(r.n_samples > 0 and r.extent > 0 and r.variables for r in usable)
+
+
+def test_demo_logs_are_indexed_with_their_unparseable_lines(demo_crawl):
+    summary, manifest, _ = demo_crawl
+    logs = {p: r for p, r in _rows(manifest).items() if r.format == "log"}
+    kinds = {p: summary["files"][p]["kind"] for p in logs}
+    assert sorted(kinds.values()) == ["decoy", "event_log", "event_log", "event_log", "log_by_content", "shot_log"]
+    lines = {"event_log": (200, 2), "log_by_content": (100, 1), "shot_log": (100, 2)}  # 1 % bad, shots 2 %
+    for path, row in logs.items():
+        if kinds[path] == "decoy":
+            continue
+        n_lines, n_bad = lines[kinds[path]]
+        assert (row.error, row.n_samples, row.skipped_rows) == (None, n_lines - n_bad, n_bad)
+        assert (row.rule == "lines:key=value") == (kinds[path] == "log_by_content")
+    assert logs["grid/pmu/pmu_grid_07.log.2.gz"].extent == 1
 
 
 def test_metadata_only_identification(demo_crawl):
@@ -203,10 +220,10 @@ def _count_inspections(monkeypatch, tmp_path):
     for fmt, reader in READERS.items():
         original = reader.inspect
 
-        def counting(path, _original=original, _fmt=fmt):
+        def counting(path, *options, _original=original, _fmt=fmt):
             with open(log, "a") as out:
                 out.write(path.name + "\n")
-            return _original(path)
+            return _original(path, *options)
 
         monkeypatch.setattr(reader, "inspect", counting)
     return lambda: log.read_text().split() if log.exists() else []
@@ -372,7 +389,7 @@ def test_command_with_config_dir(tmp_path):
 
 
 def test_manifest_columns_are_typed_even_when_empty(tmp_path):
-    demo.write_readme(tmp_path / "data" / "README.txt")
+    demo.write_png(tmp_path / "data" / "IMG_0001.png")
     manifest = crawl(_cfg(tmp_path / "data", tmp_path / "out"))
     assert manifest.table.schema == SCHEMA
     assert manifest.table["format"].to_pylist() == [None]

@@ -242,15 +242,16 @@ def test_demo_tree_structure(tmp_path):
 
     kinds = {entry["kind"] for entry in summary["files"].values()}
     assert {"well", "plain", "surface", "surface_classic", "layered", "one_bus", "three_buses",
-            "no_phase", "metadata_only", "truncated", "corrupt", "junk", "empty", "decoy"} <= kinds
+            "no_phase", "metadata_only", "truncated", "corrupt", "junk", "empty", "decoy",
+            "event_log", "log_by_content"} <= kinds
     assert {"fusion", "wafer", "grid", "none"} == set(summary["capsules"])
     assert max(rel.count("/") for rel in summary["files"]) >= 3  # nested folders
 
-    # Names tell the capsule, except for the metadata-only file and the decoys.
+    # Names tell the capsule, except for the metadata-only file, a log known by its lines, and the decoys.
     patterns = _name_patterns()
     for rel, entry in summary["files"].items():
         by_name = _capsules_by_name(Path(rel).name, patterns)
-        expected = [] if entry["kind"] in ("metadata_only", "decoy") else [entry["capsule"]]
+        expected = [] if entry["kind"] in ("metadata_only", "log_by_content", "decoy") else [entry["capsule"]]
         assert by_name == expected, rel
 
     # Both wafer units and both fusion layouts are present.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import shutil
 from datetime import datetime, timezone
 
@@ -32,9 +33,13 @@ def test_sniff_by_magic_and_extension(tmp_path):
     shutil.copy(tmp_path / "b.nc", tmp_path / "netcdf4_named.h5")  # NetCDF-4 is HDF5
     (tmp_path / "text.h5").write_text("not hdf5\n")
     (tmp_path / "binary.csv").write_bytes(b"\x00\x01\x02PNG")
+    (tmp_path / "pmu.log.2").write_text("f=50.0\n")
+    (tmp_path / "pmu.log.3.gz").write_bytes(gzip.compress(b"f=50.0\n"))
+    (tmp_path / "binary.log").write_bytes(b"\x00\x01\x02")
     expected = {"a.h5": "hdf5", "b.nc": "netcdf", "c.nc": "netcdf", "d.parquet": "parquet",
-                "e.csv": "csv", "f.png": None, "g.txt": None, "no_extension": "parquet",
-                "netcdf4_named.h5": "hdf5", "text.h5": "hdf5", "binary.csv": "csv"}
+                "e.csv": "csv", "f.png": None, "g.txt": "log", "no_extension": "parquet",
+                "netcdf4_named.h5": "hdf5", "text.h5": "hdf5", "binary.csv": "csv",
+                "pmu.log.2": "log", "pmu.log.3.gz": "log", "binary.log": "log"}
     assert {name: sniff_format(tmp_path / name) for name in expected} == expected
     assert READERS["csv"].sniff(read_head(tmp_path / "e.csv"), tmp_path / "e.csv")
     assert not READERS["csv"].sniff(read_head(tmp_path / "binary.csv"), tmp_path / "binary.csv")

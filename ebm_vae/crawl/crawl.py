@@ -2,8 +2,11 @@
 
 Per file, metadata only: the first bytes give the format, the name and then the metadata
 (global attributes, key-value metadata, a table's header) give the capsule, and the capsule's
-extractor plans the file from the reader's `FileInfo`. A file that cannot be read gets a
-one-line `error`; nothing raises out of the crawl for a bad file.
+extractor plans the file from the reader's `FileInfo`. Text logs are the exception: their
+lines are parsed (that is how their records and unparseable lines are counted), and a log
+that no capsule's name matches is assigned by which capsule's log rule parses its first
+lines. A file that cannot be read gets a one-line `error`; nothing raises out of the crawl
+for a bad file.
 
 Re-crawls reuse the rows of files whose size and mtime are unchanged without opening them
 (unless the capsule definitions changed since the manifest was written).
@@ -41,39 +44,53 @@ from ebm_vae.config import CapsuleConfig
 from ebm_vae.crawl.manifest import SCHEMA, Manifest, ManifestEntry, read_manifest, write_manifest
 from ebm_vae.crawl.scan import FoundFile, scan
 from ebm_vae.data.extractors import EXTRACTORS, ExtractError
-from ebm_vae.data.readers import READERS, FileInfo, ReadError, read_head, sniff_format
+from ebm_vae.data.extractors.base import read_options
+from ebm_vae.data.readers import (
+    DEFAULT_OPTIONS,
+    READERS,
+    FileInfo,
+    ReadError,
+    ReadOptions,
+    read_head,
+    sniff_format,
+)
 from ebm_vae.data.readers.base import one_line
 
 log = logging.getLogger(__name__)
 ERRORS_SHOWN = 10
 CHUNK_FILES = 64  # files per task sent to a worker process (amortises the round trip)
+LOG = "log"
+LOG_READER = READERS[LOG]
+CONTENT_MATCH = 0.5  # a log goes to a capsule whose rule parses at least this share of its first lines
 
 
 @dataclass(frozen=True)
 class _Rules:
-    """A capsule's match rules, compiled once per crawl."""
+    """A capsule's match rules and read options, compiled once per crawl."""
 
     capsule: CapsuleConfig
     names: tuple[tuple[str, re.Pattern], ...]
     attrs: dict[str, str]
     columns: tuple[str, ...]
+    formats: tuple[str, ...]  # the formats it reads
+    options: ReadOptions
 
     @classmethod
     def of(cls, capsule: CapsuleConfig) -> _Rules:
         names = tuple((p, re.compile(fnmatch.translate(p.lower()))) for p in capsule.match.name)
         attrs = {str(k): str(v).strip().lower() for k, v in capsule.match.attrs.items()}
-        return cls(capsule, names, attrs, tuple(capsule.match.columns))
+        return cls(capsule, names, attrs, tuple(capsule.match.columns), _formats(capsule), read_options(capsule))
 
-    def match(self, filename: str, info: FileInfo | None) -> str | None:
-        """The rule that assigns the file to this capsule, or None.
-
-        `name`: any pattern, case-insensitive. `attrs`: every key present with an equal value
-        (compared case-insensitively). `columns`: every column in a table's header.
-        """
-        lower = filename.lower()
+    def match_name(self, lower_name: str) -> str | None:
+        """`name`: any pattern, case-insensitive (the file name given in lower case)."""
         for pattern, regex in self.names:
-            if regex.match(lower):
+            if regex.match(lower_name):
                 return f"name:{pattern}"
+        return None
+
+    def match_info(self, info: FileInfo | None) -> str | None:
+        """`attrs`: every key present with an equal value (compared case-insensitively).
+        `columns`: every column in a table's header."""
         if info is None:
             return None
         if self.attrs and all(info.attrs.get(k, "").strip().lower() == v for k, v in self.attrs.items()):
@@ -83,6 +100,9 @@ class _Rules:
             if all(c in names for c in self.columns):
                 return "columns:" + ",".join(self.columns)
         return None
+
+    def log_rule(self) -> str:
+        return "lines:" + ("log.pattern" if self.options.log_pattern else "key=value")
 
 
 def capsules_fingerprint(capsules: Iterable[CapsuleConfig]) -> str:
@@ -96,8 +116,23 @@ def _formats(capsule: CapsuleConfig) -> tuple[str, ...]:
     return tuple(capsule.formats) or EXTRACTORS[capsule.extractor].formats
 
 
+def _by_content(path: Path, rules: list[_Rules]) -> tuple[list[tuple[_Rules, str]], str | None]:
+    """The capsules whose log rule parses most of a log's first lines, or the reason none does."""
+    readers = [r for r in rules if LOG in r.formats]
+    if not readers:
+        return [], "no capsule reads text logs"
+    fractions = LOG_READER.sample_fractions(path, [r.options for r in readers])
+    hits = [(r, r.log_rule()) for r, f in zip(readers, fractions, strict=True) if f >= CONTENT_MATCH]
+    return hits, None if hits else "no capsule's log rule parses its lines"
+
+
 def identify(root: str, found: FoundFile, rules: list[_Rules]) -> ManifestEntry:
-    """The manifest row of one file; every failure becomes the row's one-line `error`."""
+    """The manifest row of one file; every failure becomes the row's one-line `error`.
+
+    A file is read with the options of the one capsule its name matches (CSV lines above the
+    header, a log's line rule); a text log that no name matches goes to the capsule whose log
+    rule parses most of its first lines (rule `lines:...`), or is indexed with the reason.
+    """
     entry = ManifestEntry(found.relpath, found.size, found.mtime_ns)
     path = Path(root, found.relpath)
     info, read_error = None, None
@@ -105,18 +140,35 @@ def identify(root: str, found: FoundFile, rules: list[_Rules]) -> ManifestEntry:
         entry.format = sniff_format(path, read_head(path))
     except OSError as exc:
         read_error = f"cannot read: {exc.strerror or one_line(exc)}"
+    lower = path.name.lower()
+    by_name = {id(r): rule for r in rules if (rule := r.match_name(lower)) is not None}
+    named = [r for r in rules if id(r) in by_name]
     if found.size == 0:
         read_error = "empty file"
-    elif entry.format is not None and read_error is None:
+    elif entry.format == LOG and read_error is None:
         try:
-            info = READERS[entry.format].inspect(path)
+            if not named:
+                hits, read_error = _by_content(path, rules)
+                by_name.update((id(r), rule) for r, rule in hits)
+                named = [r for r, _ in hits]
+            if len(named) == 1 and LOG in named[0].formats:
+                info = LOG_READER.inspect(path, named[0].options)
+        except ReadError as exc:
+            read_error = str(exc)
+        except Exception as exc:  # a library failing on a damaged file in a way we did not foresee
+            read_error = f"unreadable {entry.format}: {type(exc).__name__}: {one_line(exc)}"
+    elif entry.format is not None and read_error is None:
+        options = named[0].options if len(named) == 1 else DEFAULT_OPTIONS
+        try:
+            info = READERS[entry.format].inspect(path, options)
         except ReadError as exc:
             read_error = str(exc)
         except Exception as exc:  # a library failing on a damaged file in a way we did not foresee
             read_error = f"unreadable {entry.format}: {type(exc).__name__}: {one_line(exc)}"
     if info is not None:
         entry.variables = info.variables
-    matches = [(r.capsule, rule) for r in rules if (rule := r.match(path.name, info)) is not None]
+        entry.skipped_rows = info.skipped_rows
+    matches = [(r.capsule, rule) for r in rules if (rule := by_name.get(id(r)) or r.match_info(info)) is not None]
     if not matches:
         entry.error = read_error if entry.format is not None or found.size == 0 else None
         return entry

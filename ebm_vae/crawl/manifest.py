@@ -31,6 +31,9 @@ SCHEMA = pa.schema([
     ("n_samples", pa.int64()),
     ("extent", pa.int64()),
     ("error", pa.string()),
+    # rows the crawl's read skipped: log lines that do not parse (logs are parsed whole);
+    # null where the crawl does not read rows (CSV ragged rows are counted when read)
+    ("skipped_rows", pa.int64()),
 ])
 ROOT_KEY, VERSION_KEY, CREATED_KEY = "ebm_vae.root", "ebm_vae.version", "ebm_vae.created"
 CAPSULES_KEY = "ebm_vae.capsules"  # fingerprint of the capsule definitions the rows were assigned by
@@ -50,13 +53,14 @@ class ManifestEntry:
     n_samples: int = 0
     extent: int = 0
     error: str | None = None
+    skipped_rows: int | None = None
 
     def to_row(self) -> dict[str, Any]:
         """A dict in SCHEMA's layout (written out: `dataclasses.asdict` deep-copies every
         variable's attributes, the slowest step of a crawl of many small files)."""
         return {"path": self.path, "size": self.size, "mtime_ns": self.mtime_ns, "format": self.format,
                 "capsule": self.capsule, "rule": self.rule, "n_samples": self.n_samples,
-                "extent": self.extent, "error": self.error,
+                "extent": self.extent, "error": self.error, "skipped_rows": self.skipped_rows,
                 "variables": [{"name": v.name, "shape": list(v.shape), "dtype": v.dtype}
                               for v in self.variables]}
 
@@ -70,7 +74,10 @@ class Manifest:
     """The rows as an Arrow table, plus the data root they are relative to."""
 
     def __init__(self, table: pa.Table, root: str | Path, capsules_fingerprint: str = ""):
-        self.table = table.cast(SCHEMA)
+        for name in SCHEMA.names:  # a manifest of an earlier version lacks the newer columns
+            if name not in table.column_names:
+                table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
+        self.table = table.select(SCHEMA.names).cast(SCHEMA)
         self.root = Path(root)
         self.capsules_fingerprint = capsules_fingerprint
 

@@ -1,6 +1,6 @@
 """Work units: bounded ranges of one file's extent, and reading their states.
 
-A work unit is a range [start, stop) of one file's extent (rows/snapshots, or bytes for CSV)
+A work unit is a range [start, stop) of one file's extent (rows/snapshots, or bytes for CSV and logs)
 of bounded size; a file planned `whole_file` (a derived phase) is one unit. Every pass over
 the data (the statistics pass, the training stream, the histogram export, the state cache)
 reads through `read_unit`, which refuses a file changed since the crawl.
@@ -9,7 +9,7 @@ reads through `read_unit`, which refuses a file changed since the crawl.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +18,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ebm_vae.data.extractors import Extractor, FilePlan, StateInfo
-from ebm_vae.data.readers import READERS, FileInfo
+from ebm_vae.data.readers import DEFAULT_OPTIONS, READERS, FileInfo, Handle, ReadOptions
 from ebm_vae.data.readers.base import one_line
 
 if TYPE_CHECKING:
     from ebm_vae.crawl.manifest import ManifestEntry
 
 log = logging.getLogger(__name__)
-
-TABLE_FORMATS = ("csv", "parquet")
 
 
 class ChangedFile(Exception):
@@ -45,7 +43,7 @@ class WorkUnit:
 
     @property
     def n_samples(self) -> int:
-        """Samples in [start, stop): exact for rows/snapshots; for CSV byte ranges a
+        """Samples in [start, stop): exact for rows/snapshots; for CSV and log byte ranges a
         proportional share of the file's samples (the shares of a file sum to its total)."""
         n, extent = self.plan.n_samples, self.plan.extent
         return n * self.stop // extent - n * self.start // extent if extent else 0
@@ -57,7 +55,8 @@ class WorkUnit:
 
 def entry_plan(extractor: Extractor, entry: ManifestEntry) -> FilePlan:
     """The extractor's plan for a manifest row, from the metadata the manifest keeps."""
-    n_rows = entry.variables[0].shape[0] if entry.format in TABLE_FORMATS and entry.variables else None
+    is_table = entry.format in READERS and READERS[entry.format].kind == "table"
+    n_rows = entry.variables[0].shape[0] if is_table and entry.variables else None
     info = FileInfo(format=entry.format, attrs={}, variables=list(entry.variables), n_rows=n_rows,
                     extent=entry.extent)
     return extractor.plan(info)
@@ -77,7 +76,8 @@ def make_units(entries: Iterable[ManifestEntry], extractor: Extractor, state: St
             log.warning("skipping %s: state shape %s differs from the statistics' %s",
                         entry.path, plan.state.shape, state.shape)
             continue
-        step = plan.extent if plan.whole_file else (unit_bytes if entry.format == "csv" else unit_samples)
+        byte_extent = READERS[entry.format].byte_extent
+        step = plan.extent if plan.whole_file else (unit_bytes if byte_extent else unit_samples)
         for start in range(0, plan.extent, max(1, step)):
             units.append(WorkUnit(entry.path, start, min(plan.extent, start + step), plan,
                                   entry.format, entry.size, entry.mtime_ns))
@@ -90,25 +90,36 @@ def chunk_samples(state: StateInfo, chunk_bytes: int) -> int:
 
 
 def read_unit(extractor: Extractor, root: Path, unit: WorkUnit, chunk: int,
-              files: OpenFiles | None = None) -> Iterator[np.ndarray]:
+              files: OpenFiles | None = None, skipped: Counter[str] | None = None) -> Iterator[np.ndarray]:
     """The states of one unit, chunk by chunk; raises for a missing, changed or unreadable file.
 
-    With `files`, the handle comes from (and stays in) that cache of open files."""
+    With `files`, the handle comes from (and stays in) that cache of open files. With
+    `skipped`, the rows the unit's reads skipped (log lines that do not parse, ragged CSV rows:
+    `Handle.skipped_rows`) are added to `skipped[unit.path]`, also when the read stops early."""
     path = Path(root) / unit.path
     st = path.stat()
     if (st.st_size, st.st_mtime_ns) != (unit.size, unit.mtime_ns):
         raise ChangedFile(f"changed since the crawl (size {unit.size} -> {st.st_size}, "
                           f"mtime_ns {unit.mtime_ns} -> {st.st_mtime_ns}); re-run ebm-vae-crawl")
     if files is None:
-        with READERS[unit.format].open(path) as handle:
-            yield from extractor.iter_states(handle, unit.plan, unit.start, unit.stop, chunk)
+        with extractor.open(path, unit.format) as handle:
+            yield from _counted(extractor, handle, unit, chunk, skipped)
         return
     try:
-        yield from extractor.iter_states(files.open(path, unit.format), unit.plan, unit.start,
-                                         unit.stop, chunk)
+        yield from _counted(extractor, files.open(path, unit.format, extractor.read_options), unit, chunk, skipped)
     except Exception:
         files.discard(path)
         raise
+
+
+def _counted(extractor: Extractor, handle: Handle, unit: WorkUnit, chunk: int,
+             skipped: Counter[str] | None) -> Iterator[np.ndarray]:
+    before = handle.skipped_rows
+    try:
+        yield from extractor.iter_states(handle, unit.plan, unit.start, unit.stop, chunk)
+    finally:
+        if skipped is not None and handle.skipped_rows > before:
+            skipped[unit.path] += handle.skipped_rows - before
 
 
 class OpenFiles:
@@ -121,12 +132,13 @@ class OpenFiles:
         self.size = size
         self.handles: OrderedDict[Path, Any] = OrderedDict()
 
-    def open(self, path: Path, fmt: str) -> Any:
+    def open(self, path: Path, fmt: str, options: ReadOptions = DEFAULT_OPTIONS) -> Any:
+        """The open handle of `path` (one pass reads every file with the same options)."""
         handle = self.handles.pop(path, None)
         if handle is None:
             if len(self.handles) >= self.size:
                 self.handles.popitem(last=False)[1].close()
-            handle = READERS[fmt].open(path)
+            handle = READERS[fmt].open(path, options)
         self.handles[path] = handle
         return handle
 

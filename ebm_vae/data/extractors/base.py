@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from ebm_vae.config import CapsuleConfig
-from ebm_vae.data.readers.base import ArrayHandle, FileInfo, TableHandle, VariableInfo
+from ebm_vae.data.readers import READERS
+from ebm_vae.data.readers.base import ArrayHandle, FileInfo, ReadOptions, TableHandle, VariableInfo
 
 
 class ExtractError(Exception):
@@ -87,6 +90,15 @@ class Extractor(ABC):
 
     def __init__(self, capsule: CapsuleConfig):
         self.capsule = capsule
+        self.read_options = read_options(capsule)
+
+    def column(self, variable: str) -> str:
+        """The column/variable as written in the files for a capsule variable (`columns:`)."""
+        return self.capsule.columns.get(variable, variable)
+
+    def open(self, path: str | os.PathLike, fmt: str) -> ArrayHandle | TableHandle:
+        """A file of the capsule opened as the capsule reads it (CSV skip_rows, log rule)."""
+        return READERS[fmt].open(Path(path), self.read_options)
 
     def check_format(self, info: FileInfo) -> None:
         if info.format not in self.formats:
@@ -104,6 +116,15 @@ class Extractor(ABC):
 
         NaN/Inf values pass through (the stream counts and drops them).
         """
+
+
+def read_options(capsule: CapsuleConfig) -> ReadOptions:
+    """How a capsule's files are read: lines above a CSV header, and its log rule, whose
+    fields are the variables (the `log.pattern` group of each, or its key as written)."""
+    fields = tuple((capsule.columns.get(v, v), v if capsule.log.pattern else capsule.columns.get(v, v))
+                   for v in capsule.variables)
+    return ReadOptions(skip_rows=capsule.csv.skip_rows, log_pattern=capsule.log.pattern, log_fields=fields,
+                       timestamp_format=capsule.log.timestamp_format)
 
 
 def variables_of(source: FileInfo | ArrayHandle | TableHandle) -> dict[str, VariableInfo]:
@@ -139,12 +160,12 @@ def _numeric(dtype: str) -> bool:
 
 
 def table_extent(info: FileInfo) -> tuple[int, int]:
-    """(n_rows, extent) of a table file: rows for Parquet, bytes (split at line ends) for CSV."""
+    """(n_rows, extent) of a table file: rows for Parquet, bytes (split at line ends) for CSV and logs."""
     if info.n_rows is None:
         raise ExtractError(f"the {info.format} reader reported no row count")
-    extent = info.extent if info.extent is not None else (info.n_rows if info.format != "csv" else None)
+    extent = info.extent if info.extent is not None else (None if READERS[info.format].byte_extent else info.n_rows)
     if extent is None:
-        raise ExtractError("the csv reader reported no byte extent")
+        raise ExtractError(f"the {info.format} reader reported no byte extent")
     return int(info.n_rows), int(extent)
 
 

@@ -1,7 +1,9 @@
 """Power-grid states: frequency (Hz) and phase angle (rad) per sample, for one bus or many.
 
 Columns: `frequency` / `phase_angle` for one bus, or `frequency_<b>` / `phase_angle_<b>` for
-several (buses sorted naturally: 1, 2, 10). `params.per_bus` true: every (row, bus) is its own
+several (buses sorted naturally: 1, 2, 10); the capsule's `columns:` may rename the two
+(`frequency: "Freq (Hz)"`, then `Freq (Hz)_<b>` per bus). Text logs give the same columns
+from `frequency=... phase_angle=...` tokens (or the capsule's `log.pattern`). `params.per_bus` true: every (row, bus) is its own
 2-D sample [frequency, phase_angle] (n_samples = rows x buses); false: one state per row,
 [f_1, phi_1, f_2, phi_2, ...]. `params.buses` (optional) rejects files with another bus count.
 
@@ -33,7 +35,6 @@ from ebm_vae.data.extractors.base import (
 )
 from ebm_vae.data.readers.base import FileInfo, TableHandle, VariableInfo
 
-_BUS_COLUMN = re.compile(r"^frequency_(\w+)$")
 TWO_PI = 2.0 * np.pi
 # rad; beyond any real unwrapped phase (2 pi x 1 Hz x 100 years ~ 2e10), and where float64
 # still resolves 1e-4 rad: larger values are corrupt, and wrapping them would give noise.
@@ -97,16 +98,18 @@ class PhaseIntegrator:
 
 class GridExtractor(Extractor):
     name = "grid"
-    formats = ("csv", "parquet")
+    formats = ("csv", "parquet", "log")
 
     def _buses(self, variables: dict[str, VariableInfo]) -> list[_Bus]:
-        labels = sorted((m.group(1) for n in variables if (m := _BUS_COLUMN.match(n))), key=_bus_order)
+        frequency, phase = self.column("frequency"), self.column("phase_angle")
+        bus_column = re.compile(rf"^{re.escape(frequency)}_(\w+)$")
+        labels = sorted((m.group(1) for n in variables if (m := bus_column.match(n))), key=_bus_order)
         if labels:
-            buses = [_Bus(b, f"frequency_{b}", f"phase_angle_{b}") for b in labels]
-        elif "frequency" in variables:
-            buses = [_Bus("", "frequency", "phase_angle")]
+            buses = [_Bus(b, f"{frequency}_{b}", f"{phase}_{b}") for b in labels]
+        elif frequency in variables:
+            buses = [_Bus("", frequency, phase)]
         else:
-            raise ExtractError("missing variables ['frequency']")
+            raise ExtractError(f"missing variables [{frequency!r}]")
         buses = [b if b.phase in variables else _Bus(b.label, b.frequency, None) for b in buses]
         expected = self.capsule.params.get("buses")
         if expected is not None and int(expected) != len(buses):

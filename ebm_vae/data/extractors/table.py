@@ -1,7 +1,9 @@
 """User capsules (DESIGN.md's YAML): the state is the capsule's `variables`, one sample per row.
 
-They are columns of a CSV/Parquet table, 1-D root datasets of an HDF5 file, or 1-D variables
-of a NetCDF file (all of one length). Units are the capsule's `units` (no conversion).
+They are columns of a CSV/Parquet table, fields of a text log's lines, 1-D root datasets of an
+HDF5 file, or 1-D variables of a NetCDF file (all of one length), named in the files as the
+capsule's `columns:` says (default: the variable's own name). Units are the capsule's `units`
+(no conversion).
 """
 
 from __future__ import annotations
@@ -25,17 +27,19 @@ from ebm_vae.data.readers.base import ArrayHandle, FileInfo, TableHandle, Variab
 
 class TableExtractor(Extractor):
     name = "table"
-    formats = ("csv", "parquet", "hdf5", "netcdf")
+    formats = ("csv", "parquet", "log", "hdf5", "netcdf")
 
     @property
     def names(self) -> list[str]:
+        """The variables' names as written in the files, in the capsule's order."""
         if not self.capsule.variables:
             raise ExtractError(f"capsule '{self.capsule.name}' lists no variables")
-        return list(self.capsule.variables)
+        return [self.column(v) for v in self.capsule.variables]
 
     def _state(self) -> StateInfo:
-        units = tuple(self.capsule.units) or ("",) * len(self.names)
-        return StateInfo("vector", (len(self.names),), tuple(self.names), units)
+        variables = tuple(self.capsule.variables)
+        units = tuple(self.capsule.units) or ("",) * len(variables)
+        return StateInfo("vector", (len(variables),), variables, units)
 
     def _array_length(self, variables: dict[str, VariableInfo]) -> int:
         shapes = {n: tuple(variables[n].shape) for n in self.names}
@@ -52,7 +56,7 @@ class TableExtractor(Extractor):
         variables = variables_of(info)
         require(variables, self.names)
         require_numeric(variables, self.names)
-        if info.format in ("csv", "parquet"):
+        if info.n_rows is not None:  # a table: CSV, Parquet, log
             n_rows, extent = table_extent(info)
             return FilePlan(n_samples=n_rows, extent=extent, state=self._state())
         n = self._array_length(variables)

@@ -22,10 +22,12 @@ import h5py
 import numpy as np
 
 from ebm_vae.data.readers.base import (
+    DEFAULT_OPTIONS,
     ArrayHandle,
     FileInfo,
     Reader,
     ReadError,
+    ReadOptions,
     VariableInfo,
     attr_text,
     one_line,
@@ -190,7 +192,7 @@ class Hdf5Reader(Reader):
     def sniff(self, head: bytes, path: Path) -> bool:
         return has_signature(head)
 
-    def inspect(self, path: Path) -> FileInfo:
+    def inspect(self, path: Path, options: ReadOptions = DEFAULT_OPTIONS) -> FileInfo:
         fid = _open(path)
         try:
             attrs, variables = _walk(fid)
@@ -198,5 +200,5 @@ class Hdf5Reader(Reader):
             fid.close()
         return FileInfo(format=self.format, attrs=attrs, variables=variables)
 
-    def open(self, path: Path) -> Hdf5Handle:
+    def open(self, path: Path, options: ReadOptions = DEFAULT_OPTIONS) -> Hdf5Handle:
         return Hdf5Handle(Path(path))

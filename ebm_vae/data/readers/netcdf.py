@@ -19,10 +19,12 @@ import netCDF4
 import numpy as np
 
 from ebm_vae.data.readers.base import (
+    DEFAULT_OPTIONS,
     ArrayHandle,
     FileInfo,
     Reader,
     ReadError,
+    ReadOptions,
     VariableInfo,
     attr_text,
     one_line,
@@ -230,7 +232,7 @@ class NetcdfReader(Reader):
             return True
         return has_signature(head) and Path(path).suffix.lower() in EXTENSIONS
 
-    def inspect(self, path: Path) -> FileInfo:
+    def inspect(self, path: Path, options: ReadOptions = DEFAULT_OPTIONS) -> FileInfo:
         with _LOCK:
             ds = _open(path)
             try:
@@ -239,5 +241,5 @@ class NetcdfReader(Reader):
                 ds.close()
         return FileInfo(format=self.format, attrs=attrs, variables=variables)
 
-    def open(self, path: Path) -> NetcdfHandle:
+    def open(self, path: Path, options: ReadOptions = DEFAULT_OPTIONS) -> NetcdfHandle:
         return NetcdfHandle(Path(path))

@@ -19,9 +19,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ebm_vae.data.readers.base import (
+    DEFAULT_OPTIONS,
     FileInfo,
     Reader,
     ReadError,
+    ReadOptions,
     TableHandle,
     VariableInfo,
     one_line,
@@ -131,7 +133,7 @@ class ParquetReader(Reader):
         truncated or corrupt Parquet file is still indexed as Parquet, with its error."""
         return head[:4] == MAGIC
 
-    def inspect(self, path: Path) -> FileInfo:
+    def inspect(self, path: Path, options: ReadOptions = DEFAULT_OPTIONS) -> FileInfo:
         pf = _open(path)
         try:
             attrs, columns, n_rows = _describe(pf)
@@ -140,5 +142,5 @@ class ParquetReader(Reader):
         return FileInfo(format=self.format, attrs=attrs, variables=list(columns.values()),
                         n_rows=n_rows, extent=n_rows)
 
-    def open(self, path: Path) -> ParquetHandle:
+    def open(self, path: Path, options: ReadOptions = DEFAULT_OPTIONS) -> ParquetHandle:
         return ParquetHandle(Path(path))
