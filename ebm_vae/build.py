@@ -200,11 +200,16 @@ def statistics(manifest, capsule, index_dir: Path, cfg: DictConfig, previous: La
     return run_stats_pass(manifest, capsule, index_dir, cfg), True
 
 
-def choose_method(export_cfg: DictConfig, stats) -> tuple[str, str]:
-    """(method, reason): `vae` or `histogram`, as `export.method` asks."""
+def choose_method(export_cfg: DictConfig, capsule):
+    """The method (`vae` or `histogram`) and why: `export.method=auto` asks the energy methods'
+    rule (which counts the histogram, kept in the choice, when it is a candidate)."""
+    from ebm_vae.energy.methods.auto import Choice, choose_method
+
     method = export_cfg.export.method
+    if method == "auto":
+        return choose_method(export_cfg, capsule)
     if method in ("vae", "histogram"):
-        return method, f"export.method={method}"
+        return Choice(method, f"export.method={method}")
     raise ValueError(f"export.method must be 'vae', 'histogram' or 'auto', got '{method}'")
 
 
@@ -270,7 +275,9 @@ class _Builder:
                               self.cfg, previous, data_fp)
         row.files, row.samples = len(stats.files), stats.count
         export_cfg = self.capsules.export(name)
-        method, reason = self.timed("method", row, choose_method, export_cfg, stats)
+        auto = export_cfg.export.method == "auto"
+        choice = self.timed("method", row, choose_method, export_cfg, capsule)
+        method, reason = choice.method, choice.reason
         export_cfg.export.method = method
         row.method, row.reason = method, reason
         fp = {"data": data_fp, "export": fingerprint(_export_settings(export_cfg))}
@@ -308,7 +315,7 @@ class _Builder:
                 quality = quality_of(metrics)
                 training = {"mode": mode, "why": why, "seconds": round(row.train_s, 3),
                             "steps": _checkpoint_facts(ckpt)[0]}
-        out = self.timed("export", row, _export, export_cfg)
+        out = self.timed("export", row, _export, export_cfg, capsule, choice.histogram, reason if auto else None)
         entry = self._entry(name, out, method, reason, ckpt, quality, training, fp, stats)
         row.map, row.val_bound, row.method = entry.map, entry.quality.get("val/iwae"), entry.method
         row.files, row.samples = entry.data["files"], entry.data["samples"]
@@ -358,10 +365,17 @@ def _train(train_cfg: DictConfig) -> dict[str, float]:
     return train(train_cfg)
 
 
-def _export(export_cfg: DictConfig) -> Path:
+def _export(export_cfg: DictConfig, capsule, counted, reason: str | None) -> Path:
+    """Write the map: the histogram the method choice counted, or the method's map made now;
+    `reason` (export.method=auto's) goes into its metadata."""
+    from ebm_vae.energy.methods import make_map
+    from ebm_vae.energy.methods.common import MapRequest
     from ebm_vae.export import export
 
-    return export(export_cfg)
+    energy_map = counted if counted is not None else make_map(MapRequest(export_cfg, capsule))
+    if reason is not None:
+        energy_map.metadata["method_reason"] = reason
+    return export(export_cfg, energy_map)
 
 
 def _export_settings(export_cfg: DictConfig) -> dict[str, Any]:
