@@ -1,6 +1,6 @@
 """Benchmarks: `python scripts/bench.py SECTION [--json] [--gpu] [--quick]`.
 
-SECTION is one of crawl, stream, train, export, study, scaling, all. Each prints its figures
+SECTION is one of crawl, stream, train, export, study, scaling, build, all. Each prints its figures
 beside a baseline measured in the same run, with their ratio; `--json` prints one JSON object
 keyed by section, then by format or case (see DESIGN.md, "Benchmark JSON").
 """
@@ -12,7 +12,7 @@ import importlib
 import json
 import sys
 
-SECTIONS = ["crawl", "stream", "train", "export", "study", "scaling"]
+SECTIONS = ["crawl", "stream", "train", "export", "study", "scaling", "build"]
 
 
 def main(argv: list[str] | None = None) -> int:
