@@ -86,7 +86,7 @@ def test_the_catalogue_describes_every_map(first, tree):
     assert shots["data"]["samples"] < 400  # the log's malformed lines are not samples
     assert shots["command"].startswith(f"ebm-vae-train --config-dir {tree['config']} capsule=shots")
     assert "&& ebm-vae-export" in shots["command"] and "export.method=vae" in shots["command"]
-    assert shots["created"] and set(shots["fingerprint"]) == {"data", "train", "export"}
+    assert shots["created"] and set(shots["fingerprint"]) == {"data", "settings", "train", "export"}
 
 
 def test_the_build_is_one_query_surface(first, tree):
