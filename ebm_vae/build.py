@@ -301,6 +301,7 @@ class _Builder:
         auto = export_cfg.export.method == "auto"
         choice = self.timed("method", row, choose_method, export_cfg, capsule)
         method, reason = choice.method, choice.reason
+        log.info("%s: method %s (%s)", name, method, reason)
         export_cfg.export.method = method
         row.method, row.reason = method, reason
         ckpt, training, quality = None, None, {}
