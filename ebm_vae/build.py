@@ -93,9 +93,6 @@ class BuildReport:
     def failed(self) -> list[CapsuleRow]:
         return [r for r in self.rows if r.status == "failed"]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"rows": [asdict(r) for r in self.rows], "stages": self.stages, "landscape": str(self.landscape)}
-
 
 def fingerprint(value: Any) -> str:
     return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -333,6 +330,7 @@ class _Builder:
             fp.pop("train", None)
         out = self.timed("export", row, _export, export_cfg, capsule, choice.histogram, reason if auto else None)
         entry = self._entry(name, out, method, reason, ckpt, quality, training, fp, stats)
+        entry.data["skipped_rows"] = sum(e.skipped_rows or 0 for e in usable)  # unparseable lines, ragged rows
         row.map, row.val_bound, row.method = entry.map, entry.quality.get("val/iwae"), entry.method
         row.files, row.samples = entry.data["files"], entry.data["samples"]
         return row, entry

@@ -62,7 +62,7 @@ class LandscapeEntry:
     map: str  # energy_maps/<capsule>.npz
     axes: list[dict[str, Any]]  # [{name, unit, limits: [lo, hi], points}]
     state: dict[str, Any]  # StateInfo.to_dict(): kind, shape, names/units or channels
-    data: dict[str, int]  # files, bytes, samples behind the map; skipped_files
+    data: dict[str, int]  # files, bytes, samples behind the map; skipped_files, skipped_rows
     created: str
     command: str  # reproduces the map with the per-stage commands
     method_reason: str | None = None
