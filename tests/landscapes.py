@@ -3,7 +3,7 @@
 Three capsules, as `ebm-vae-build` would catalogue them:
 - `toy`: a 2-D vector state (x [m], y [s]) with an (untrained) checkpoint and a map on x, y;
 - `counts`: a 2-D vector state (a [K], b [Pa]) with a histogram map whose axes are (b, a), no checkpoint;
-- `patch`: a 1 x 4 x 4 field with a checkpoint and a map on pc1, pc2.
+- `patch`: a 1 x 4 x 4 field with a checkpoint and a marginal map on pc1, pc2 (origin 300 K).
 Map values are closed-form Gaussians, so interpolated energies can be checked exactly.
 """
 
@@ -41,12 +41,15 @@ def _checkpoint(path: Path, name: str, state: StateInfo, pca: dict | None = None
     return path
 
 
-def _map(path: Path, name: str, state: StateInfo, axes: list[tuple[str, str]], method: str) -> Path:
+def _map(path: Path, name: str, state: StateInfo, axes: list[tuple[str, str]], method: str,
+         pcs: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
     values = np.linspace(-3.0, 3.0, 13)
     grid = np.stack(np.meshgrid(values, values, indexing="ij"), axis=-1)
     meta = {"capsule": name, "method": method, "quantity": "marginal",
             "axes": [{"name": a, "unit": u, "limits": [-3.0, 3.0], "points": 13} for a, u in axes]}
-    return EnergyMap(gaussian_energy(grid), [values, values], meta).save(path)
+    pc_vectors, pc_origin = pcs if pcs is not None else (None, None)
+    return EnergyMap(gaussian_energy(grid), [values, values], meta, pc_vectors=pc_vectors,
+                     pc_origin=pc_origin).save(path)
 
 
 def _entry(name: str, state: StateInfo, axes, method: str, checkpoint: str | None) -> LandscapeEntry:
@@ -68,7 +71,8 @@ def make_landscape(root: Path) -> Path:
     entries = {}
     basis = np.linalg.qr(np.random.default_rng(2).normal(size=(PATCH.dim, 2)))[0].T
     for name, (state, axes, method, has_model) in capsules.items():
-        _map(maps / f"{name}.npz", name, state, axes, method)
+        pcs = (basis, np.full(PATCH.dim, 300.0)) if state.kind == "field" else None
+        _map(maps / f"{name}.npz", name, state, axes, method, pcs)
         ckpt = None
         if has_model:
             pca = {"components": basis, "std": np.array([2.0, 1.0])} if state.kind == "field" else None

@@ -84,6 +84,18 @@ def test_field_states_and_principal_coefficients(root):
     coefficients = land.energy("patch", [[0.0, 0.0], [1.0, -1.0]])
     assert coefficients.source == "map" and coefficients.columns == ("pc1", "pc2")
     np.testing.assert_allclose(coefficients.energy, gaussian_energy(np.array([[0.0, 0.0], [1.0, -1.0]])))
+    # asked for the map, full fields are placed on the marginal map by their principal coefficients
+    placed = land.energy("patch", 300.0 + fields, source="map")
+    assert placed.source == "map" and placed.quantity == "marginal"
+    basis = land.map("patch").pc_vectors
+    np.testing.assert_allclose(placed.energy, land.map("patch").energy(fields.reshape(3, -1) @ basis.T))
+
+
+def test_full_states_are_not_placed_on_a_slice(copy_root):
+    _edit(copy_root / "energy_maps" / FILENAME, lambda d: d["capsules"]["patch"].update(quantity="slice"))
+    land = EnergyLandscape.open(copy_root / "energy_maps")
+    with pytest.raises(StatesError, match=r"must have shape \(N, 16\) or \(N, 1, 4, 4\) full states"):
+        land.energy("patch", np.zeros((2, 1, 4, 4)), source="map")
 
 
 @pytest.mark.parametrize("capsule, states, message", [

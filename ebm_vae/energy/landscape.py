@@ -308,6 +308,8 @@ class EnergyLandscape:
             len(shape) == 1 and state.dim == 1)
         on_axes = (len(shape) == 2 and shape[1] == n_axes) or (len(shape) == 1 and n_axes == 1)
         as_axes = full and self._full_state_axes(entry) is not None  # full states that are map points
+        # asked for the map, full states of a marginal map are placed on it by their projection
+        projected = full and source == "map" and entry.quantity == "marginal"
         if source not in ("auto", "model", "map"):
             raise ValueError(f"source must be 'auto', 'model' or 'map', got '{source}'")
         if source == "model" or (source == "auto" and full and entry.checkpoint is not None):
@@ -315,7 +317,7 @@ class EnergyLandscape:
                 raise StatesError(f"states for capsule '{name}' (full states) must have shape "
                                   f"(N, {state.dim}){'' if state.kind != 'field' else f' or (N, {state.shape})'}, got {shape}")
             return "model"
-        if on_axes or as_axes:
+        if on_axes or as_axes or projected:
             return "map"
         shapes = f"(N, {state.dim})" + (f" or (N, {', '.join(map(str, state.shape))})" if len(state.shape) > 1 else "")
         expected = [f"{shapes} full states" + ("" if entry.checkpoint else " (this capsule has no checkpoint)"),
@@ -336,8 +338,11 @@ class EnergyLandscape:
 
         `source="auto"`: full states (N, D) or (N, *state_shape) go to the checkpoint; states
         on the map's axes (N, n_axes), and full states of a capsule without checkpoint whose
-        map axes are its components, go to the map. `"model"` / `"map"` force one. Bad states
-        behave as `ebm_vae.energy.states` says (one-line StatesError; NaN -> nan, Inf -> +inf).
+        map axes are its components, go to the map. `"model"` / `"map"` force one; with
+        `"map"`, full states of a marginal map are placed on it by their projection (their
+        principal coefficients, or their axis components): the energy is then F(axes), the
+        marginal, which `quantity` says. Bad states behave as `ebm_vae.energy.states` says
+        (one-line StatesError; NaN -> nan, Inf -> +inf).
         """
         entry = self.entry(name)
         state = entry.state_info
@@ -348,25 +353,36 @@ class EnergyLandscape:
             energy, std = model.energy(states, k=k, seed=seed, chunk_points=chunk_points, return_std=True)
             return LandscapeEnergy(energy, std, "model", self.path(name, "checkpoint"),
                                    "vae-elbo" if k == 1 else f"vae-iwae (k={k})", "joint", state.names)
+        energy_map, project = self.map(name), None
         columns = self._full_state_axes(entry)
+        on_axes = len(shape) == 2 and shape[1] == len(entry.axes) and columns is None
         if columns is not None:  # the axes are the state's components: columns in state order
             batch = validated_states(states, state.shape, f"the map of '{name}'", names=state.names)
             batch.columns = columns
             names = state.names
+        elif not on_axes:  # full states of a marginal map (source="map"): their projection
+            batch = validated_states(states, state.shape, f"the map of '{name}'", names=state.names)
+            project, names = energy_map.project, tuple(entry.axis_names)
         else:
             batch = validated_states(states, (len(entry.axes),), f"the map of '{name}'",
                                      names=tuple(entry.axis_names))
             names = tuple(entry.axis_names)
-        return LandscapeEnergy(map_energy(self.map(name), batch), None, "map", self.path(name, "map"),
-                               entry.method, entry.quantity, names)
+        try:
+            energy = map_energy(energy_map, batch, project)
+        except ValueError as exc:  # a map that does not record how to project onto its axes
+            raise StatesError(f"the map of '{name}': {exc}") from None
+        return LandscapeEnergy(energy, None, "map", self.path(name, "map"), entry.method, entry.quantity, names)
 
 
-def map_energy(energy_map: EnergyMap, batch: StateBatch, chunk_rows: int = MAP_CHUNK_ROWS) -> np.ndarray:
-    """The map's energies of validated points, interpolated a chunk at a time."""
+def map_energy(energy_map: EnergyMap, batch: StateBatch, project=None,
+               chunk_rows: int = MAP_CHUNK_ROWS) -> np.ndarray:
+    """The map's energies of validated points (or of the projections of full states, with
+    `project`), interpolated a chunk at a time."""
     out = np.empty(len(batch), dtype=np.float64)
     for start in range(0, len(batch), chunk_rows):
         stop = min(len(batch), start + chunk_rows)
-        out[start:stop] = energy_map.energy(batch.chunk(start, stop).astype(np.float64))
+        points = batch.chunk(start, stop, np.float64)
+        out[start:stop] = energy_map.energy(points if project is None else project(points))
     batch.finish(out)
     return out
 

@@ -51,7 +51,7 @@ class StateBatch:
     flat: np.ndarray  # (N, D), the caller's dtype
     nan_rows: np.ndarray  # (N,) bool: a NaN component
     inf_rows: np.ndarray  # (N,) bool: an Inf component and no NaN
-    fill: np.ndarray  # (D,) float32: evaluated in place of non-finite rows (discarded after)
+    fill: np.ndarray  # (D,): evaluated in place of non-finite rows (discarded after)
     columns: list[int] | None = None  # a reordering of the components, applied per chunk
 
     def __len__(self) -> int:
@@ -61,10 +61,11 @@ class StateBatch:
     def n_nonfinite(self) -> int:
         return int(np.count_nonzero(self.nan_rows) + np.count_nonzero(self.inf_rows))
 
-    def chunk(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as float32 (columns reordered); non-finite rows replaced by `fill`."""
+    def chunk(self, start: int, stop: int, dtype: Any = np.float32) -> np.ndarray:
+        """Rows [start, stop) as `dtype` (the model's float32 by default; maps interpolate in
+        float64), columns reordered; non-finite rows replaced by `fill`."""
         rows = self.flat[start:stop]
-        out = np.asarray(rows if self.columns is None else rows[:, self.columns], dtype=np.float32)
+        out = np.asarray(rows if self.columns is None else rows[:, self.columns], dtype=dtype)
         bad = self.nan_rows[start:stop] | self.inf_rows[start:stop]
         if bad.any() or not out.flags.writeable:  # a view of the caller's array: never write into it
             out = out.copy()
