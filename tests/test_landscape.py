@@ -102,7 +102,7 @@ def test_full_states_are_not_placed_on_a_slice(copy_root):
     ("toy", np.zeros((4, 3)), r"must have shape \(N, 2\) full states"),
     ("toy", np.zeros(4), r"got \(4,\)"),
     ("patch", np.zeros((2, 2, 4, 4)), r"\(N, 16\) or \(N, 1, 4, 4\)"),
-    ("toy", np.array([["1", "2"]]), "must be real numbers, got dtype <U1"),
+    ("toy", np.array([["1", "2"]]), "must be real numbers for capsule 'toy', got dtype <U1"),
     ("toy", np.zeros((2, 2), dtype=complex), "got dtype complex128"),
     ("toy", np.array([[1, None]], dtype=object), "got dtype object"),
     ("toy", [[1.0, 2.0], [3.0]], "rectangular array"),
@@ -116,7 +116,7 @@ def test_bad_states_fail_with_one_line(root, capsule, states, message):
 
 def test_energy_model_checks_states_too(root):
     model = EnergyModel.from_checkpoint(root / "checkpoints" / "toy" / "last.ckpt")
-    with pytest.raises(StatesError, match=r"capsule 'toy' must have shape \(N, 2\) \[x, y\], got \(3, 5\)"):
+    with pytest.raises(StatesError, match=r"^states must have shape \(N, 2\) \[x, y\] for capsule 'toy', got \(3, 5\)$"):
         model.energy(np.zeros((3, 5)))
     with pytest.raises(StatesError, match="dtype <U"):
         model.energy(np.array([["a", "b"]]))

@@ -124,7 +124,7 @@ BAD_INPUTS = {
     "text in a state column": (lambda p: (p / "s.csv").write_text("x,y\n1,2\n3,abc\n") and p / "s.csv", [],
                                "not a readable CSV file: .*Row #3: .*invalid value 'abc'"),
     "wrong npy shape": (lambda p: np.save(p / "s.npy", np.zeros((4, 3))) or p / "s.npy", [],
-                        r"must have shape \(N, 2\) full states or \(N, 2\) points on the map axes \[x, y\], got \(4, 3\)"),
+                        r"must have shape \(N, 2\) full states or \(N, 2\) points on the map axes \[x, y\] for capsule 'toy', got \(4, 3\)"),
     "object npy": (lambda p: np.save(p / "s.npy", np.array([[1, None]], dtype=object)) or p / "s.npy", [],
                    "holds object, not real numbers"),
     "truncated npy": (lambda p: (np.save(p / "t.npy", np.zeros((1000, 2))),

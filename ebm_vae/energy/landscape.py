@@ -314,15 +314,16 @@ class EnergyLandscape:
             raise ValueError(f"source must be 'auto', 'model' or 'map', got '{source}'")
         if source == "model" or (source == "auto" and full and entry.checkpoint is not None):
             if not full:
-                raise StatesError(f"states for capsule '{name}' (full states) must have shape "
-                                  f"(N, {state.dim}){'' if state.kind != 'field' else f' or (N, {state.shape})'}, got {shape}")
+                raise StatesError(f"states must have shape (N, {state.dim})"
+                                  f"{'' if state.kind != 'field' else f' or (N, {state.shape})'} (full states) "
+                                  f"for capsule '{name}', got {shape}")
             return "model"
         if on_axes or as_axes or projected:
             return "map"
         shapes = f"(N, {state.dim})" + (f" or (N, {', '.join(map(str, state.shape))})" if len(state.shape) > 1 else "")
         expected = [f"{shapes} full states" + ("" if entry.checkpoint else " (this capsule has no checkpoint)"),
                     f"(N, {n_axes}) points on the map axes [{', '.join(entry.axis_names)}]"]
-        raise StatesError(f"states for capsule '{name}' must have shape {' or '.join(expected)}, got {shape}")
+        raise StatesError(f"states must have shape {' or '.join(expected)} for capsule '{name}', got {shape}")
 
     @staticmethod
     def _full_state_axes(entry: LandscapeEntry) -> list[int] | None:

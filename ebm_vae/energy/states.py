@@ -91,7 +91,7 @@ def validated_states(states: Any, state_shape: tuple[int, ...], what: str,
     array = as_array(states)
     dim = int(np.prod(state_shape))
     if array.dtype.kind not in "fiu":
-        raise StatesError(f"states for {what} must be real numbers, got dtype {array.dtype}")
+        raise StatesError(f"states must be real numbers for {what}, got dtype {array.dtype}")
     if array.ndim == 1 and dim == 1:
         flat = array.reshape(-1, 1)
     elif array.ndim == 2 and array.shape[1] == dim or array.shape[1:] == tuple(state_shape):
@@ -99,7 +99,7 @@ def validated_states(states: Any, state_shape: tuple[int, ...], what: str,
     else:
         expected = f"(N, {dim})" if len(state_shape) == 1 else f"(N, {dim}) or (N, {', '.join(map(str, state_shape))})"
         listed = f" [{', '.join(names)}]" if names and len(names) <= 8 else ""
-        raise StatesError(f"states for {what} must have shape {expected}{listed}, got {array.shape}")
+        raise StatesError(f"states must have shape {expected}{listed} for {what}, got {array.shape}")
     nan_rows = np.zeros(len(flat), dtype=bool)
     inf_rows = np.zeros(len(flat), dtype=bool)
     if flat.dtype.kind == "f":
