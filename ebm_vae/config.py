@@ -62,6 +62,9 @@ class CrawlConfig:
     checkpoint_s: float = 60.0  # write the manifest so far this often: a killed crawl resumes
     file_timeout_s: float = 60.0  # a file whose reader takes longer gets an error row (a hung library)
     stats: bool = True  # run the statistics pass for capsules with new or changed files
+    # an index holds one data tree: crawling another into it is refused unless this is true
+    # (the old index and its statistics are then replaced)
+    replace_index: bool = False
     progress: bool = True
     stats_reservoir: int = 4096  # samples kept for the principal basis of larger field states
     # field states of up to this many components get the exact covariance (D^2 float64 in memory;
@@ -73,6 +76,9 @@ class CrawlConfig:
 @dataclass
 class ExportConfig:
     method: str = "vae"  # vae | histogram | auto (the histogram where counting resolves the map)
+    # marginal (F of the axes, everything else integrated out) | slice (the joint energy through
+    # export.reference); None = marginal, which for a state with no more components than axes is the slice
+    quantity: str | None = None
     k: int = 64  # importance samples; 1 = negative ELBO (see ebm_vae/export.py for the default)
     resolution: int = 128  # grid points per axis
     axes: list[str] | None = None  # state components or pc1, pc2, ...; default: first two / pc1, pc2

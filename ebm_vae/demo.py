@@ -92,8 +92,11 @@ class _SolenoidalModes:
     """A guide field B0 z-hat plus a few Fourier modes with OU amplitudes, divergence-free.
 
     Mode m is e1_m (a cos(k.r) ) + e2_m (b sin(k.r)) with e1, e2 perpendicular to k, so its
-    divergence k.e vanishes analytically; a and b wander in time as OU processes. The same
-    construction without the guide field gives the velocity, and a scalar version the density.
+    divergence k.e vanishes analytically; a and b wander in time as OU processes around the
+    mean amplitudes of the plasma's current regime (quiet, or the largest mode locked at
+    either sign), which switches at random: the states' density has a basin per regime. The
+    same construction without the guide field gives the velocity, and a scalar version the
+    density. The modes are the device's (`rng` from `_device_rng`): the same in every file.
     """
 
     def __init__(self, rng: np.random.Generator, x: np.ndarray, y: np.ndarray, z: np.ndarray,
@@ -112,6 +115,11 @@ class _SolenoidalModes:
         self.e1, self.e2 = e1, e2
         # Larger scales carry more energy: amplitude ~ 1/|integer wavevector|.
         self.sigma = amplitude / np.linalg.norm(ints, axis=1)
+        # regimes x (cos, sin) x modes: mean amplitudes in units of sigma
+        largest = np.argsort(-self.sigma, kind="stable")
+        self.regimes = np.zeros((3, 2, n_modes))
+        self.regimes[1:, 0, largest[0]] = (3.0, -3.0)
+        self.regimes[1:, 1, largest[1]] = 2.0
         xx, yy, zz = np.meshgrid(x, y, z, indexing="ij")
         phase = np.einsum("mc,cxyz->mxyz", k, np.stack([xx, yy, zz]))
         self.cos, self.sin = np.cos(phase), np.sin(phase)
@@ -126,11 +134,23 @@ class _SolenoidalModes:
     def scalar(self, a: np.ndarray) -> np.ndarray:
         return np.einsum("m,mxyz->xyz", a, self.cos)
 
-    def amplitudes(self, rng: np.random.Generator, n_time: int, tau: float = 5.0) -> tuple:
-        """Per-snapshot cos and sin amplitudes, each (n_time, n_modes), smooth in time."""
-        a = _ou_paths(rng, n_time, len(self.sigma), tau, 1.0) * self.sigma
-        b = _ou_paths(rng, n_time, len(self.sigma), tau, 1.0) * self.sigma
+    def amplitudes(self, rng: np.random.Generator, n_time: int, tau: float = 2.0,
+                   dwell: float = 25.0) -> tuple:
+        """Per-snapshot cos and sin amplitudes, each (n_time, n_modes): OU paths (correlation
+        time `tau` snapshots) around the current regime's means; the regime changes with
+        probability 1 / `dwell` per snapshot."""
+        switches = rng.random(n_time) < 1.0 / dwell
+        steps = np.where(switches, rng.integers(1, len(self.regimes), n_time), 0)
+        regime = (rng.integers(len(self.regimes)) + np.cumsum(steps)) % len(self.regimes)
+        a = (_ou_paths(rng, n_time, len(self.sigma), tau, 1.0) + self.regimes[regime, 0]) * self.sigma
+        b = (_ou_paths(rng, n_time, len(self.sigma), tau, 1.0) + self.regimes[regime, 1]) * self.sigma
         return a, b
+
+
+def _device_rng(name: str) -> np.random.Generator:
+    """The fixed geometry of the demo's devices (a tokamak's modes, a chuck's heaters): the same
+    in every file, whatever the file's seed and resolution, so that files pool into one density."""
+    return np.random.default_rng(zlib.crc32(name.encode()))
 
 
 def _fusion_coords(n: int, nz: int, n_time: int) -> dict[str, np.ndarray]:
@@ -140,6 +160,35 @@ def _fusion_coords(n: int, nz: int, n_time: int) -> dict[str, np.ndarray]:
         "z": np.linspace(-1.0, 1.0, nz),  # symmetric: z = 0 between the two middle planes
         "time": 1e-3 * np.arange(n_time),
     }
+
+
+def _well_file(path: Path, n_traj: int, coords: dict[str, np.ndarray], name: str) -> h5py.File:
+    """An open HDF5 file with the Well's root attributes and `dimensions/` group (x, y, z, time)."""
+    f = h5py.File(path, "w")
+    f.attrs.update({
+        "dataset_name": name, "grid_type": "cartesian", "n_spatial_dims": 3,
+        "n_trajectories": n_traj, "simulation_parameters": ["B0", "Ms", "Ma"],
+        "B0": GUIDE_FIELD_T, "Ms": 0.5, "Ma": 0.7,
+    })
+    dims = f.create_group("dimensions")
+    dims.attrs["spatial_dims"] = ["x", "y", "z"]
+    for axis, values in coords.items():
+        d = dims.create_dataset(axis, data=values)
+        d.attrs.update({"units": "s" if axis == "time" else "m",
+                        "sample_varying": False, "time_varying": axis == "time"})
+    return f
+
+
+def _well_fields(f: h5py.File, fields: dict[str, tuple[tuple[int, ...], str]], shape: tuple[int, ...]) -> None:
+    """Create the Well's t0/t1/t2 field groups: {"t1_fields/name": (component shape, units)},
+    datasets (traj, time, x, y, z, *components) chunked one snapshot per chunk."""
+    for name, (components, units) in fields.items():
+        d = f.create_dataset(name, (*shape, *components), "f4", chunks=(1, 1, *shape[2:], *components))
+        d.attrs.update({"units": units, "dim_varying": [True, True, True],
+                        "sample_varying": True, "time_varying": True})
+    for order in ("t0_fields", "t1_fields", "t2_fields"):
+        group = f.require_group(order)
+        group.attrs["field_names"] = [n.split("/")[1] for n in fields if n.startswith(order + "/")]
 
 
 def write_fusion_well(path, n_traj: int = 1, n_time: int = 4, n: int = 16, nz: int = 8,
@@ -152,30 +201,11 @@ def write_fusion_well(path, n_traj: int = 1, n_time: int = 4, n: int = 16, nz: i
     path = _prepare(path)
     rng = np.random.default_rng(seed)
     coords = _fusion_coords(n, nz, n_time)
-    b_modes = _SolenoidalModes(rng, coords["x"], coords["y"], coords["z"])
-    v_modes = _SolenoidalModes(rng, coords["x"], coords["y"], coords["z"], amplitude=2e4)
-    with h5py.File(path, "w") as f:
-        f.attrs.update({
-            "dataset_name": f"MHD_{n}", "grid_type": "cartesian", "n_spatial_dims": 3,
-            "n_trajectories": n_traj, "simulation_parameters": ["B0", "Ms", "Ma"],
-            "B0": GUIDE_FIELD_T, "Ms": 0.5, "Ma": 0.7,
-        })
-        dims = f.create_group("dimensions")
-        dims.attrs["spatial_dims"] = ["x", "y", "z"]
-        for name, values in coords.items():
-            d = dims.create_dataset(name, data=values)
-            d.attrs.update({"units": "s" if name == "time" else "m",
-                            "sample_varying": False, "time_varying": name == "time"})
-        fields = {"t0_fields/density": ((), "m^-3"), "t1_fields/magnetic_field": ((3,), "T"),
-                  "t1_fields/velocity": ((3,), "m/s")}
-        for name, (components, units) in fields.items():
-            d = f.create_dataset(name, (n_traj, n_time, n, n, nz, *components), "f4",
-                                 chunks=(1, 1, n, n, nz, *components))
-            d.attrs.update({"units": units, "dim_varying": [True, True, True],
-                            "sample_varying": True, "time_varying": True})
-        f["t0_fields"].attrs["field_names"] = ["density"]
-        f["t1_fields"].attrs["field_names"] = ["magnetic_field", "velocity"]
-        f.create_group("t2_fields").attrs["field_names"] = []
+    b_modes = _SolenoidalModes(_device_rng("tokamak B"), coords["x"], coords["y"], coords["z"])
+    v_modes = _SolenoidalModes(_device_rng("tokamak v"), coords["x"], coords["y"], coords["z"], amplitude=2e4)
+    with _well_file(path, n_traj, coords, f"MHD_{n}") as f:
+        _well_fields(f, {"t0_fields/density": ((), "m^-3"), "t1_fields/magnetic_field": ((3,), "T"),
+                         "t1_fields/velocity": ((3,), "m/s")}, (n_traj, n_time, n, n, nz))
         for traj in range(n_traj):
             ab, bb = b_modes.amplitudes(rng, n_time)
             av, bv = v_modes.amplitudes(rng, n_time)
@@ -188,6 +218,21 @@ def write_fusion_well(path, n_traj: int = 1, n_time: int = 4, n: int = 16, nz: i
     return path
 
 
+def write_fusion_states(path, magnetic_field: np.ndarray, z: np.ndarray) -> Path:
+    """Given B fields in the Well's layout: t1_fields/magnetic_field = `magnetic_field`
+    (traj, time, x, y, z, 3) in T, z coordinates `z`; x, y span [-1, 1) periodically."""
+    path = _prepare(path)
+    n_traj, n_time, nx, ny, nz, _ = magnetic_field.shape
+    if len(z) != nz:
+        raise ValueError(f"{len(z)} z coordinates for {nz} planes")
+    coords = {"x": -1.0 + 2.0 * np.arange(nx) / nx, "y": -1.0 + 2.0 * np.arange(ny) / ny,
+              "z": np.asarray(z, dtype=np.float64), "time": 1e-3 * np.arange(n_time)}
+    with _well_file(path, n_traj, coords, f"MHD_{nx}x{ny}") as f:
+        _well_fields(f, {"t1_fields/magnetic_field": ((3,), "T")}, magnetic_field.shape[:5])
+        f["t1_fields/magnetic_field"][...] = magnetic_field.astype(np.float32)
+    return path
+
+
 def write_fusion_plain(path, n_time: int = 4, n: int = 16, nz: int = 8, seed: int = 0,
                        attrs: dict | None = None) -> Path:
     """A plain MHD file: root dataset B (time, x, y, z, 3) in T, root coordinates x, y, z, time.
@@ -197,7 +242,7 @@ def write_fusion_plain(path, n_time: int = 4, n: int = 16, nz: int = 8, seed: in
     path = _prepare(path)
     rng = np.random.default_rng(seed)
     coords = _fusion_coords(n, nz, n_time)
-    modes = _SolenoidalModes(rng, coords["x"], coords["y"], coords["z"])
+    modes = _SolenoidalModes(_device_rng("tokamak B"), coords["x"], coords["y"], coords["z"])
     a, b = modes.amplitudes(rng, n_time)
     with h5py.File(path, "w") as f:
         f.attrs["description"] = "MHD simulation output: magnetic field B(x, y, z) per snapshot"
@@ -218,16 +263,18 @@ def _heat_diffusion(rng: np.random.Generator, n_time: int, n: int, n_layers: int
                     steps_per_snapshot: int = 20) -> np.ndarray:
     """(n_time, n_layers, n, n) temperature stacks in K from explicit heat diffusion.
 
-    Heater spots sit in the deepest layer; each one's power is redrawn (often to zero) at
-    random between snapshots. Heat spreads in-plane and between neighbouring layers and
-    leaves through the surface (layer 0) to the ambient; in-plane edges are insulated.
-    The explicit (FTCS) coefficients sum below 1, which keeps the scheme stable.
+    Heater spots sit in the deepest layer, where the chuck has them (`_device_rng`: the same
+    in every file); each one's power is redrawn (often to zero) at random between snapshots
+    (`rng`). Heat spreads in-plane and between neighbouring layers and leaves through the
+    surface (layer 0) to the ambient; in-plane edges are insulated. The explicit (FTCS)
+    coefficients sum below 1, which keeps the scheme stable.
     """
     r, vertical, cooling = 0.15, 0.15, 0.05
-    n_spots = int(rng.integers(3, 7))
-    centres = rng.uniform(0.1 * n, 0.9 * n, (n_spots, 2))
-    widths = rng.uniform(0.03 * n, 0.08 * n, n_spots) + 1.0
-    full_power = rng.uniform(60.0, 100.0, n_spots)  # K above ambient, wide-spot steady state
+    chuck = _device_rng("wafer chuck")
+    n_spots = int(chuck.integers(3, 7))
+    centres = chuck.uniform(0.1 * n, 0.9 * n, (n_spots, 2))
+    widths = chuck.uniform(0.03 * n, 0.08 * n, n_spots) + 1.0
+    full_power = chuck.uniform(60.0, 100.0, n_spots)  # K above ambient, wide-spot steady state
     yy, xx = np.mgrid[0:n, 0:n]
     shapes = np.exp(-((yy[None] - centres[:, 0, None, None]) ** 2
                       + (xx[None] - centres[:, 1, None, None]) ** 2) / (2 * widths[:, None, None] ** 2))
@@ -237,75 +284,106 @@ def _heat_diffusion(rng: np.random.Generator, n_time: int, n: int, n_layers: int
 
     power = draw_power(n_spots)
     temp = np.full((n_layers, n, n), AMBIENT_K)
+    flow = np.empty_like(temp)
 
-    def step() -> None:
-        padded = np.pad(temp, ((0, 0), (1, 1), (1, 1)), mode="edge")
-        flow = r * (padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2]
-                    + padded[:, 1:-1, 2:] - 4.0 * temp)
+    def step(source: np.ndarray) -> None:
+        # in-plane Laplacian with insulated edges (a missing neighbour counts as the pixel itself)
+        np.multiply(temp, -4.0, out=flow)
+        flow[:, 1:] += temp[:, :-1]
+        flow[:, :1] += temp[:, :1]
+        flow[:, :-1] += temp[:, 1:]
+        flow[:, -1:] += temp[:, -1:]
+        flow[:, :, 1:] += temp[:, :, :-1]
+        flow[:, :, :1] += temp[:, :, :1]
+        flow[:, :, :-1] += temp[:, :, 1:]
+        flow[:, :, -1:] += temp[:, :, -1:]
+        flow[...] *= r
         flow[1:] += vertical * (temp[:-1] - temp[1:])
         flow[:-1] += vertical * (temp[1:] - temp[:-1])
         flow[0] -= cooling * (temp[0] - AMBIENT_K)
-        flow[-1] += cooling * np.einsum("s,syx->yx", full_power * power, shapes)
-        temp[:] += flow
+        flow[-1] += source
+        temp[...] += flow
 
+    def heating() -> np.ndarray:
+        return cooling * np.einsum("s,syx->yx", full_power * power, shapes)
+
+    source = heating()
     for _ in range(10 * steps_per_snapshot):  # spin-up from ambient
-        step()
+        step(source)
     out = np.empty((n_time, n_layers, n, n), dtype=np.float32)
     for t in range(n_time):
         redraw = rng.random(n_spots) < 0.3
         power[redraw] = draw_power(int(redraw.sum()))
+        source = heating()
         for _ in range(steps_per_snapshot):
-            step()
+            step(source)
         out[t] = temp
     return out
 
 
 def write_wafer_netcdf(path, n_time: int = 4, n: int = 16, layered: bool = False,
                        units: str = "K", seed: int = 0, n_layers: int = 3,
-                       file_format: str = "NETCDF4", attrs: dict | None = None) -> Path:
+                       file_format: str = "NETCDF4", attrs: dict | None = None,
+                       noise: float = 0.05) -> Path:
     """A wafer thermal map series: surface_temperature(time, y, x), or temperature(time, layer, y, x).
 
-    Layer 0 is the surface. `units` is "K" or "degC" (the values follow: ~300-400 K).
+    Layer 0 is the surface, seen by a thermal camera with `noise` K of white noise per pixel.
+    `units` is "K" or "degC" (the values follow: ~300-400 K).
     The time dimension is unlimited; NetCDF-4 files are chunked one snapshot per chunk.
     `file_format` is any netCDF4 format, e.g. "NETCDF3_CLASSIC" for an old instrument's files;
     `attrs` are extra global attributes (e.g. {"capsule": "wafer"}).
     """
     if units not in ("K", "degC"):
         raise ValueError(f"units must be 'K' or 'degC', not {units!r}")
-    path = _prepare(path)
     rng = np.random.default_rng(seed)
     stacks = _heat_diffusion(rng, n_time, n, n_layers if layered else 1)
+    stacks[:, 0] += rng.normal(0.0, noise, stacks[:, 0].shape).astype(np.float32)
     if units == "degC":
         stacks -= np.float32(273.15)
-    pitch = 0.3 / n  # a 300 mm wafer
+    return write_wafer_states(path, stacks if layered else stacks[:, 0], units=units,
+                              file_format=file_format, attrs=attrs)
+
+
+def write_wafer_states(path, temperature: np.ndarray, units: str = "K", file_format: str = "NETCDF4",
+                       attrs: dict | None = None) -> Path:
+    """Given temperature maps as NetCDF: (time, y, x) -> surface_temperature(time, y, x);
+    (time, layer, y, x) -> temperature(time, layer, y, x), layer 0 the surface.
+
+    A 300 mm wafer: x, y in m at the pixel centres. The time dimension is unlimited; NetCDF-4
+    files are chunked one snapshot per chunk.
+    """
+    path = _prepare(path)
+    layered = temperature.ndim == 4
+    n_time, *_, ny, nx = temperature.shape
+    pitch = 0.3 / max(ny, nx)
     chunked = file_format.startswith("NETCDF4")
     with netCDF4.Dataset(path, "w", format=file_format) as ds:
         ds.setncatts({"title": "Wafer thermal map", "source": "2-D heat diffusion with heater spots",
                       "Conventions": "CF-1.8", **(attrs or {})})
         ds.createDimension("time", None)
         if layered:
-            ds.createDimension("layer", n_layers)
-        ds.createDimension("y", n)
-        ds.createDimension("x", n)
+            ds.createDimension("layer", temperature.shape[1])
+        ds.createDimension("y", ny)
+        ds.createDimension("x", nx)
         time = ds.createVariable("time", "f8", ("time",))
         time.units = f"seconds since {EPOCH}"
-        for axis in ("y", "x"):
+        for axis, size in (("y", ny), ("x", nx)):
             coord = ds.createVariable(axis, "f4", (axis,))
             coord.units = "m"
-            coord[:] = (np.arange(n) + 0.5) * pitch
+            coord[:] = (np.arange(size) + 0.5) * pitch
         if layered:
             layer = ds.createVariable("layer", "i4", ("layer",))
             layer.long_name = "layer index, 0 = surface"
-            layer[:] = np.arange(n_layers)
+            layer[:] = np.arange(temperature.shape[1])
             var = ds.createVariable("temperature", "f4", ("time", "layer", "y", "x"),
-                                    chunksizes=(1, n_layers, n, n) if chunked else None)
+                                    chunksizes=(1, *temperature.shape[1:]) if chunked else None)
         else:
             var = ds.createVariable("surface_temperature", "f4", ("time", "y", "x"),
-                                    chunksizes=(1, n, n) if chunked else None)
+                                    chunksizes=(1, ny, nx) if chunked else None)
         var.units = units
         var.long_name = "temperature" if layered else "wafer surface temperature"
         time[:] = np.arange(n_time, dtype=np.float64)
-        var[:] = stacks if layered else stacks[:, 0]
+        var[:] = temperature.astype(np.float32)
     return path
 
 
@@ -609,7 +687,11 @@ class _Tree:
         }
 
 
-def make_demo_tree(root, scale: float = 1.0, seed: int = 0, *, n: int = 64,
+FUSION_N, FUSION_NZ = 16, 4  # the demo's B field: 3 x 16 x 16 on the plane (D = 768)
+WAFER_N = 32  # the demo's wafer maps: 32 x 32 (D = 1024)
+
+
+def make_demo_tree(root, scale: float = 1.0, seed: int = 0, *, n: int | None = None,
                    config_dir: str | os.PathLike | None = None) -> dict:
     """Write the demo drive under `root` and return its summary.
 
@@ -617,38 +699,46 @@ def make_demo_tree(root, scale: float = 1.0, seed: int = 0, *, n: int = 64,
     files {relpath: {capsule (what a correct crawl assigns, even for faulty files), kind, bytes}},
     skipped (hidden files a crawl must not see), symlinks {relpath: target}, config_dir.
     `scale` multiplies sample counts (snapshots, rows); past the per-file caps it adds files.
-    Fusion and wafer maps are n x n (the capsules' native 64 x 64 by default).
+
+    Field capsules get thousands of snapshots (~2,900 fusion, ~3,600 wafer at scale 1) at a
+    resolution the demo's CPU training generalises from within its step budget: fusion planes
+    3 x 16 x 16 (volumes of 4 z-planes, ~80 MB), wafer maps 32 x 32. The field density models
+    their leading principal coefficients (12 for the fusion modes, ~10-20 for the wafer),
+    whatever the resolution, but the data, the statistics pass (exact D x D covariance up to
+    D = 2048) and each step's projection grow with it; native 64 x 64 maps (`n=64`) need ~10x
+    the bytes per snapshot. `n` sets both resolutions (tests use tiny maps).
     With `config_dir`, the `shots` user capsule is written there (`capsule/shots.yaml`, pass
     the folder with `--config-dir`) and its plasma shot log into the tree; without, neither.
     """
     root = Path(root)
     tree = _Tree(root, seed)
+    n_fusion, n_wafer = (FUSION_N, WAFER_N) if n is None else (n, n)
 
     def count(base: int, minimum: int) -> int:
         return max(minimum, round(base * scale))
 
-    snaps, snap_cap = (lambda base: count(base, 2)), 64
+    snaps, snap_cap = (lambda base: count(base, 2)), 1000
     rows, row_cap = (lambda base: count(base, 100)), 2_000_000
-    maps, map_cap = (lambda base: count(base, 2)), 500
+    maps, map_cap = (lambda base: count(base, 2)), 2000
 
     mhd = "campaigns/2024/mhd"
-    tree.add_series(f"{mhd}/MHD_{n}_run01.h5", "fusion", "well", write_fusion_well, "n_time",
-                    snaps(10), snap_cap, n_traj=2, n=n, nz=8)
-    tree.add_series(f"{mhd}/MHD_{n}_run02.h5", "fusion", "well", write_fusion_well, "n_time",
-                    snaps(12), snap_cap, n=n, nz=8)
+    tree.add_series(f"{mhd}/MHD_{n_fusion}_run01.h5", "fusion", "well", write_fusion_well, "n_time",
+                    snaps(400), snap_cap, n_traj=2, n=n_fusion, nz=FUSION_NZ)
+    tree.add_series(f"{mhd}/MHD_{n_fusion}_run02.h5", "fusion", "well", write_fusion_well, "n_time",
+                    snaps(500), snap_cap, n=n_fusion, nz=FUSION_NZ)
     tree.add_series(f"{mhd}/plasma_shot_1042.h5", "fusion", "plain", write_fusion_plain, "n_time",
-                    snaps(20), snap_cap, n=n, nz=8)
+                    snaps(800), snap_cap, n=n_fusion, nz=FUSION_NZ)
     tree.add_series(f"{mhd}/plasma_shot_1043.h5", "fusion", "plain", write_fusion_plain, "n_time",
-                    snaps(20), snap_cap, n=n, nz=8)
+                    snaps(800), snap_cap, n=n_fusion, nz=FUSION_NZ)
     tree.add("campaigns/2024/photos/IMG_0001.png", None, "decoy", write_png, seeded=False)
     tree.add(f"{mhd}/MHD_empty.h5", "fusion", "empty", write_empty, seeded=False)
 
     for lot, units in (("lot_17", "K"), ("lot_18", "degC")):
         suffix = "" if units == "K" else "_degC"
         tree.add_series(f"fab/{lot}/wafer_{lot}_surface{suffix}.nc", "wafer", "surface",
-                        write_wafer_netcdf, "n_time", maps(50), map_cap, n=n, units=units)
+                        write_wafer_netcdf, "n_time", maps(1000), map_cap, n=n_wafer, units=units)
         tree.add_series(f"fab/{lot}/thermal_stack_{lot}{suffix}.nc", "wafer", "layered",
-                        write_wafer_netcdf, "n_time", maps(30), map_cap, n=n, layered=True,
+                        write_wafer_netcdf, "n_time", maps(600), map_cap, n=n_wafer, layered=True,
                         units=units)
 
     tree.add_series("grid/2024/grid_frequency_2024_01.csv", "grid", "one_bus", write_grid_csv,
@@ -674,14 +764,14 @@ def make_demo_tree(root, scale: float = 1.0, seed: int = 0, *, n: int = 64,
     tree.add_series(f"{old}/MHD_32_legacy.h5", "fusion", "well", write_fusion_well, "n_time",
                     snaps(8), snap_cap, n=32, nz=4)
     tree.add_series(f"{old}/wafer_legacy.nc", "wafer", "surface_classic", write_wafer_netcdf,
-                    "n_time", maps(20), map_cap, n=n, file_format="NETCDF3_CLASSIC")
+                    "n_time", maps(400), map_cap, n=n_wafer, file_format="NETCDF3_CLASSIC")
     tree.add_series(f"{old}/grid_frequency_2023_12.parquet", "grid", "one_bus", write_grid_parquet,
                     "n_rows", rows(50_000), row_cap, start="2023-12-01T00:00:00")
-    tree.add(f"{old}/backup/MHD_{n}_run01_partial.h5", "fusion", "truncated", write_truncated_hdf5)
+    tree.add(f"{old}/backup/MHD_{n_fusion}_run01_partial.h5", "fusion", "truncated", write_truncated_hdf5)
 
     tree.add("README.txt", None, "decoy", write_readme, seeded=False)
     tree.add("lab/sensor_log.csv", None, "decoy", write_sensor_log)
-    tree.add("lab/run_0007.h5", "fusion", "metadata_only", write_metadata_only_fusion, n=n)
+    tree.add("lab/run_0007.h5", "fusion", "metadata_only", write_metadata_only_fusion, n=n_fusion, nz=FUSION_NZ)
     tree.add(".cache/MHD_cached.h5", "fusion", "hidden", write_fusion_plain, hidden=True, n=8, nz=2)
     tree.symlink("archive/2023/loop", "..")
     if config_dir is not None:

@@ -1,14 +1,15 @@
 """`ebm-vae-export capsule=NAME`: an energy map `.npz` (+ PNG) from a checkpoint or a histogram.
 
-`export(cfg) -> Path` does the work; `main` is the Hydra wrapper. The ways of making a map
-live in `ebm_vae.energy.methods` (one module each); this module only dispatches, writes the
-files and says what it replaced. Every map is E = -log p in nats for the density in physical
-units, so maps of different runs and methods share one absolute scale.
+`export(cfg) -> Path` does the work; `main` is the console script (`ebm_vae.cli.App`). The
+ways of making a map live in `ebm_vae.energy.methods` (one module each); this module only
+dispatches, writes the files and says what it replaced. Every map is E = -log p in nats for
+the density in physical units, so maps of different runs and methods share one absolute scale.
 
 `export.k` (default 64) is the number of importance samples per grid point: k = 1 gives the
 negative ELBO, k > 1 the negative importance-weighted bound, whose gap to -log p shrinks
 roughly like 1/k; on the closed-form test densities (tests/test_accuracy.py) k = 64 removes
-most of the ELBO's excess energy for ~64x its cost, which is still seconds for a 128 x 128 map.
+most of the ELBO's excess energy for ~64x its cost. A marginal map draws k off-axis states per
+grid point, each weighted by the model's bound (docs/ARCHITECTURE.md, "Marginal maps").
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from ebm_vae.capsules import hydra_search_path, parse_capsule
-from ebm_vae.config import config_dir
+from ebm_vae.capsules import parse_capsule
+from ebm_vae.cli import App
 from ebm_vae.energy.mapfile import EnergyMap, EnergyMapError
 from ebm_vae.energy.methods import make_map
 from ebm_vae.energy.methods.common import MapRequest
@@ -37,7 +37,7 @@ def export(cfg: DictConfig, energy_map: EnergyMap | None = None) -> Path:
     """
     capsule = parse_capsule(cfg.capsule, source="capsule")
     ex = cfg.export
-    out = Path(ex.out) if ex.out else Path(cfg.paths.energy_maps) / f"{capsule.name}.npz"
+    out = map_path(cfg)
     if energy_map is None:
         energy_map = make_map(MapRequest(cfg, capsule))
     _say_if_replacing(out)
@@ -60,11 +60,47 @@ def _say_if_replacing(out: Path) -> None:
     log.warning("replacing %s (%s) and its PNG; pass export.out=PATH to keep it", out, what)
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="export")
-def main(cfg: DictConfig) -> None:
-    with open_dict(cfg):  # --config-dir DIR brings DIR/capsule/*.yaml, as for the crawl
-        cfg.capsule_search_path = list(dict.fromkeys([*cfg.capsule_search_path, *hydra_search_path()]))
-    print(export(cfg))
+def map_path(cfg: DictConfig) -> Path:
+    """Where the map of `cfg.capsule` goes: export.out, else ${paths.energy_maps}/<capsule>.npz."""
+    return Path(cfg.export.out) if cfg.export.out else Path(cfg.paths.energy_maps) / f"{cfg.capsule.name}.npz"
+
+
+def export_locked(cfg: DictConfig) -> Path:
+    """`export` holding the map's lock (two exports of one map wait for each other, so its .npz
+    and .png come from one run) and a shared lock of the index (a crawl waits until it is read)."""
+    from ebm_vae.locks import output_lock
+
+    with output_lock(map_path(cfg), f"the export of capsule {cfg.capsule.name}"), \
+            output_lock(cfg.paths.index, f"the export of capsule {cfg.capsule.name}", shared=True):
+        return export(cfg)
+
+
+def _print_export(cfg: DictConfig) -> None:
+    print(export_locked(cfg))
+
+
+main = App(
+    name="ebm-vae-export", config_name="export", task=_print_export,
+    summary="the energy map E = -log p (nats) of one capsule from its checkpoint or a histogram; "
+            "writes energy_maps/<capsule>.npz and .png under paths.root",
+    usage=("capsule=NAME [ckpt=PATH] [export.k=K] [export.resolution=R] [KEY=VALUE ...]",
+           "capsule=NAME export.method=histogram             # exact counts, no checkpoint"),
+    choices=("capsule", "preset"),
+    overrides=(
+        ("ckpt=PATH", "the checkpoint (default: checkpoints/<capsule>/last.ckpt)"),
+        ("export.method=vae|histogram|auto", "the VAE (default), the histogram of the index, or "
+                                             "the histogram where counting resolves the map"),
+        ("export.quantity=marginal|slice", "F of the axes with the rest integrated out (default), "
+                                           "or the joint energy through export.reference"),
+        ("export.k=K", "importance samples per grid point: 1 = negative ELBO, more = a tighter bound (64)"),
+        ("export.resolution=R", "grid points per axis"),
+        ("export.axes=[a,b]", "the map's axes: state components, or pc1, pc2, ... for fields"),
+        ("export.limits=[[lo,hi],[lo,hi]]", "axis limits in physical units (default: from the data)"),
+        ("export.out=PATH", "the .npz to write (default: energy_maps/<capsule>.npz; replaced if there)"),
+        ("export.device=auto|cpu|cuda", "where the VAE is evaluated"),
+        ("paths.root=DIR", "where the index, checkpoints and maps are (default: the current folder)"),
+    ),
+).main
 
 
 if __name__ == "__main__":

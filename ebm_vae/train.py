@@ -13,66 +13,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
-import hydra
-import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from ebm_vae.config import config_dir
+from ebm_vae.cli import App
+from ebm_vae.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-class LastCheckpoint(ModelCheckpoint):
-    """`last.ckpt` every `every_n_train_steps` steps and when training ends.
-
-    (Lightning's own `save_last` skips the final save whenever any earlier one happened, so a
-    run ending between two saves would resume from a stale checkpoint.)
-    """
-
-    def __init__(self, dirpath: str, every_n_train_steps: int = 200):
-        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True,
-                         every_n_train_steps=every_n_train_steps, enable_version_counter=False)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
-class ValidateAtEnd(Callback):
-    """Validate at the step that reaches `max_steps` too, not only on the schedule.
-
-    Every run then ends with fresh validation metrics (returned to sweepers) and a best
-    checkpoint, however its length relates to `val_check_interval`. Lightning validates when
-    `should_stop` is raised; this raises it at the last step.
-    """
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if 0 < trainer.max_steps <= trainer.global_step:
-            trainer.should_stop = True
-
-
-def resolve_ckpt_path(ckpt_path: str | None, checkpoints: Path) -> str | None:
-    """`last` -> `<checkpoints>/last.ckpt` when it exists (else start fresh); a path must exist."""
-    if ckpt_path in (None, ""):
-        return None
-    if ckpt_path == "last":
-        last = checkpoints / "last.ckpt"
-        if last.is_file():
-            log.info("resuming from %s", last)
-            return str(last)
-        log.info("no %s yet: starting a fresh run", last)
-        return None
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path: no checkpoint at {ckpt_path}")
-    return str(ckpt_path)
-
-
-def warm_start(model: L.LightningModule, path: str | Path) -> None:
+def warm_start(model, path: str | Path) -> None:
     """Fine-tuning: take the weights of the checkpoint's VAE where names and shapes match.
 
     The model keeps its own normalisation (the new statistics) and gets a fresh optimiser and
@@ -84,15 +38,21 @@ def warm_start(model: L.LightningModule, path: str | Path) -> None:
     taken = {name: weights for name, weights in load_vae(path, "cpu").named_parameters()
              if name in own and own[name].shape == weights.shape}
     if not taken:
-        raise ValueError(f"init_from={path}: none of its weights fit this model (other state or widths)")
+        raise ConfigError(f"init_from={path}: none of its weights fit this model (other state or widths)")
     model.load_state_dict(taken, strict=False)
     log.info("fine-tuning from %s (%d of %d weight tensors)", path, len(taken), len(own))
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the VAE of `cfg.capsule`; returns the final metrics (val/iwae, val/elbo, ...) as floats."""
-    from ebm_vae.data.datamodule import datamodule_from_config  # torch + readers: import on use
+    import lightning as L  # torch, Lightning and the readers: imported on use (a fast --help)
+    from lightning.pytorch.callbacks import ProgressBar
 
+    from ebm_vae.callbacks import quiet_lightning
+    from ebm_vae.checkpoints import AtomicCheckpointIO, resume_path
+    from ebm_vae.data.datamodule import datamodule_from_config
+
+    quiet_lightning()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = datamodule_from_config(cfg)  # validates the capsule first, naming a bad key
     capsule, stats = datamodule.capsule, datamodule.stats
@@ -111,26 +71,67 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("model: %s (%s, latent %d, %d parameters)", cfg.model._target_, model.hparams.arch,
              model.hparams.latent_dim, sum(p.numel() for p in model.parameters()))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     log.info("callbacks: %s; logger: %s", ", ".join(type(c).__name__ for c in callbacks),
              type(logger).__name__ if logger else None)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
     log.info("trainer: %s, %s x %s, precision %s, max_steps %s", trainer.strategy.__class__.__name__,
              trainer.num_nodes, trainer.num_devices, trainer.precision, trainer.max_steps)
 
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, Path(cfg.paths.checkpoints) / capsule.name)
-    # weights_only: a checkpoint is a file from somewhere; torch < 2.6 would unpickle anything in it
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    checkpoints = Path(cfg.paths.checkpoints) / capsule.name
+    with _checkpoint_folder_lock(checkpoints, capsule.name):
+        ckpt_path = resume_path(cfg.ckpt_path, checkpoints)
+        with warnings.catch_warnings():
+            if ckpt_path is not None:  # a resume writes into its own folder: no news
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            # weights_only: a checkpoint is a file from somewhere; torch < 2.6 would unpickle anything in it
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("%s: %s", capsule.name, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
-def main(cfg: DictConfig) -> float:
-    from ebm_vae.capsules import hydra_search_path
+def _checkpoint_folder_lock(folder: Path, capsule: str):
+    """One training per checkpoint folder: a second one of the same capsule and paths.root
+    would interleave its checkpoints and curves with the first's. Held by the global rank 0
+    only (from the launcher's environment: the trainer has not started the other ranks yet)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    with open_dict(cfg):
-        cfg.capsule_search_path = list(cfg.capsule_search_path) + hydra_search_path()
-    metrics = train(cfg)
-    return metrics.get("val/iwae", math.nan)  # for sweepers: lower is better
+    from ebm_vae.locks import output_lock
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return nullcontext()
+    return output_lock(folder, f"training capsule {capsule}", wait=False,
+                       advice="one training per capsule and paths.root: wait for it to end, "
+                              "or give this one another paths.root=DIR")
+
+
+def objective(cfg: DictConfig) -> float:
+    """`train`, returning val/iwae for Hydra's sweepers (lower is better)."""
+    return train(cfg).get("val/iwae", math.nan)
+
+
+main = App(
+    name="ebm-vae-train", config_name="train", task=objective,
+    summary="fit the VAE of one capsule on its stream of states (PyTorch Lightning); writes "
+            "checkpoints/<capsule>/ and logs/tensorboard/<capsule>/ under paths.root",
+    usage=("capsule=NAME [data.root=DIR] [KEY=VALUE ...] [--config-dir MYCONF]",
+           "-m capsule=fusion,wafer,grid data.root=DIR      # one run per capsule",
+           "capsule=NAME ckpt_path=last                     # resume (a killed run, or more steps)"),
+    choices=("capsule", "preset", "trainer", "model", "experiment", "debug"),
+    overrides=(
+        ("data.root=DIR", "the data tree; crawled into paths.root/index first if not indexed yet"),
+        ("paths.root=DIR", "where every output goes (default: the current folder)"),
+        ("trainer.max_steps=N", "optimizer steps of the run (presets: a brief run)"),
+        ("ckpt_path=last|PATH", "resume from checkpoints/<capsule>/last.ckpt, or a checkpoint file"),
+        ("trainer=gpu", "one GPU, bf16 autocast; trainer=ddp trainer.devices=N for several"),
+        ("data.batch_size=N", "states per batch and rank"),
+        ("data.num_workers=N", "DataLoader worker processes per rank"),
+        ("model.latent_dim=N", "latent dimension (default: min(D, 16); 16 for fields)"),
+        ("model.lr=X", "AdamW learning rate"),
+        ("trainer.max_time=DD:HH:MM:SS", "a wall-time cap (a safety net: the step budget decides)"),
+        ("callbacks.checkpoint.every_n_train_steps=N", "how often last.ckpt is written"),
+    ),
+).main

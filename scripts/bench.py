@@ -1,6 +1,6 @@
 """Benchmarks: `python scripts/bench.py SECTION [--json] [--gpu] [--quick]`.
 
-SECTION is one of crawl, stream, train, export, study, scaling, build, all. Each prints its figures
+SECTION is one of crawl, stream, train, export, study, scaling, fields, build, all. Each prints its figures
 beside a baseline measured in the same run, with their ratio; `--json` prints one JSON object
 keyed by section, then by format or case (see DESIGN.md, "Benchmark JSON").
 """
@@ -12,7 +12,7 @@ import importlib
 import json
 import sys
 
-SECTIONS = ["crawl", "stream", "train", "export", "study", "scaling", "build"]
+SECTIONS = ["crawl", "stream", "train", "export", "study", "scaling", "fields", "build"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke runs, CI)")
     parser.add_argument("--workdir", default=None, help="where generated data goes (default: a temp dir)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--before", default=None, metavar="CHECKOUT",
+                        help="fields: also score an earlier checkout's model on the same data")
     args = parser.parse_args(argv)
 
     sections = [s for s in SECTIONS if s != "scaling"] if args.section == "all" else [args.section]

@@ -24,5 +24,11 @@ Done in $(( $(date +%s) - start )) s.
   index:        index/manifest.parquet, index/<capsule>/stats.json
   checkpoints:  checkpoints/<capsule>/{last,epoch_NNN}.ckpt
   energy maps:  energy_maps/<capsule>.npz and .png
-  loss curves:  .venv/bin/tensorboard --logdir logs/tensorboard   (then open http://localhost:6006)
+
+The commands (ebm-vae-crawl, -train, -export; tensorboard) and the Python package live in .venv.
+In a new shell, enter it first, from $(pwd):
+  source .venv/bin/activate
+then, for example:
+  tensorboard --logdir logs/tensorboard          # loss curves: open http://localhost:6006
+  ebm-vae-train --help                           # what you can choose and override
 TXT

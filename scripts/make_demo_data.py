@@ -1,7 +1,8 @@
 """Generate the demo data tree: `python scripts/make_demo_data.py OUT_DIR [--scale S] [--seed N]`.
 
-The default tree (scale 1) is ~70 MB and takes about a second: fusion HDF5 in the Well's and
-a plain layout, wafer NetCDF in K and degC, grid CSV/Parquet, plus decoys and faulty files.
+The default tree (scale 1) is ~100 MB and takes ~10 CPU-seconds: fusion HDF5 in the Well's and
+a plain layout (~2,900 snapshots of 3 x 16 x 16 on the plane), wafer NetCDF in K and degC
+(~3,600 maps of 32 x 32), grid CSV/Parquet, plus decoys and faulty files.
 `--scale` multiplies sample counts (and files, past the per-file caps) up to GBs.
 `--many-small N` writes N tiny files instead (the crawl benchmark's tree).
 `--config-dir DIR` also writes the `shots` user capsule (DIR/capsule/shots.yaml) and its plasma

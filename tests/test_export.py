@@ -78,8 +78,8 @@ def test_export_is_reproducible_for_a_seed_and_k1_is_the_elbo(trained, demo_inde
     assert elbo.metadata["method"] == "vae-elbo" and elbo.metadata["k"] == 1
 
 
-def test_field_state_maps_onto_principal_components(trained, demo_index, tmp_path):
-    out = export(export_cfg(trained, demo_index["index"], "fusion", "export.resolution=6",
+def test_field_state_slices_onto_principal_components(trained, demo_index, tmp_path):
+    out = export(export_cfg(trained, demo_index["index"], "fusion", "export.resolution=6", "export.quantity=slice",
                             "+export.reference={pc3: 0.5}", f"export.out={tmp_path}/fusion.npz"))
     m = EnergyMap.load(out)
     assert m.axis_names == ["pc1", "pc2"] and m.axis_units == ["T", "T"]
@@ -95,16 +95,39 @@ def test_field_state_maps_onto_principal_components(trained, demo_index, tmp_pat
     np.testing.assert_allclose(m.pc_origin, stats.mean + 0.5 * stats.pca["components"][2], atol=1e-5)
     np.testing.assert_allclose(m.project(m.pc_origin[None] + 0.3 * stats.pca["components"][:1]), [[0.3, 0.0]],
                                atol=1e-6)
+    assert m.metadata["quantity"] == "slice" and m.energy_std is None
 
 
-def test_one_axis_map_holds_the_other_component_at_the_mean(trained, demo_index, tmp_path):
-    out = export(export_cfg(trained, demo_index["index"], "grid", "export.axes=[frequency]",
-                            f"export.out={tmp_path}/f.npz"))
+def test_field_state_maps_default_to_the_marginal(trained, demo_index, tmp_path, caplog):
+    out = export(export_cfg(trained, demo_index["index"], "fusion", "export.resolution=6",
+                            "+export.reference={pc3: 0.5}", f"export.out={tmp_path}/fusion.npz"))
     m = EnergyMap.load(out)
+    stats = Stats.load(demo_index["index"] / "fusion" / "stats.json")
+    assert m.metadata["quantity"] == "marginal" and m.metadata["reference_state"] == {}
+    assert "export.reference {'pc3': 0.5} is ignored" in caplog.text
+    marginal = m.metadata["marginal"]
+    assert marginal["coordinates"].startswith("model coordinates of PrincipalField")
+    assert marginal["exact_axes"] == [0, 1] and marginal["inner_k"] == 2
+    assert np.all(np.isfinite(m.energy_map)) and m.energy_std.shape == (6, 6)
+    assert np.all((m.energy_std >= 0) & (m.energy_std < 1.0))
+    np.testing.assert_allclose(m.pc_origin, stats.mean, rtol=1e-6)  # nothing held: the origin is the mean
+    # the marginal density integrates to about the mass on the grid (at most 1)
+    volume = np.prod([a[1] - a[0] for a in m.axes])
+    assert 0.5 < np.exp(-m.energy_map.astype(np.float64)).sum() * volume < 1.1
+
+
+def test_one_axis_maps_integrate_or_hold_the_other_component(trained, demo_index, tmp_path):
     stats = Stats.load(demo_index["index"] / "grid" / "stats.json")
-    assert m.energy_map.shape == (12,) and m.axis_names == ["frequency"]
-    assert m.metadata["reference_state"] == {"phase_angle": pytest.approx(stats.mean[1], rel=1e-6)}
-    assert (tmp_path / "f.png").is_file()
+    marginal = EnergyMap.load(export(export_cfg(trained, demo_index["index"], "grid", "export.axes=[frequency]",
+                                                f"export.out={tmp_path}/f.npz")))
+    assert marginal.energy_map.shape == (12,) and marginal.axis_names == ["frequency"]
+    assert marginal.metadata["quantity"] == "marginal" and marginal.metadata["reference_state"] == {}
+    assert marginal.metadata["marginal"]["coordinates"].startswith("model coordinates of Standardize")
+    assert marginal.energy_std.shape == (12,) and (tmp_path / "f.png").is_file()
+    held = EnergyMap.load(export(export_cfg(trained, demo_index["index"], "grid", "export.axes=[frequency]",
+                                            "export.quantity=slice", f"export.out={tmp_path}/s.npz")))
+    assert held.metadata["quantity"] == "slice"
+    assert held.metadata["reference_state"] == {"phase_angle": pytest.approx(stats.mean[1], rel=1e-6)}
 
 
 def test_energy_model_takes_flat_or_shaped_field_states(trained):
@@ -188,6 +211,10 @@ def test_bad_requests_fail_naming_the_cause(trained, demo_index, tmp_path):
         export(export_cfg(trained, index, "grid", f"ckpt={not_vae}"))
     with pytest.raises(FileNotFoundError, match="wafer/last.ckpt"):
         export(export_cfg(trained, index, "wafer"))
+    with pytest.raises(ValueError, match="a histogram counts the marginal"):
+        export(export_cfg(trained, index, "fusion", "export.method=histogram", "export.quantity=slice"))
+    with pytest.raises(ValueError, match="export.quantity must be one of marginal, slice"):
+        export(export_cfg(trained, index, "grid", "export.quantity=joint"))
 
 
 def test_a_failed_export_leaves_the_old_map(trained, demo_index, tmp_path, monkeypatch):

@@ -23,13 +23,14 @@ import pytest
 import torch
 
 from ebm_vae import EnergyMap, demo
+from ebm_vae.callbacks import ValidateAtEnd
 from ebm_vae.capsules import visible_capsules
 from ebm_vae.config import compose
 from ebm_vae.crawl.crawl import crawl
 from ebm_vae.crawl.manifest import read_manifest
 from ebm_vae.data.stats import run_stats_pass
 from ebm_vae.export import export
-from ebm_vae.train import ValidateAtEnd, train
+from ebm_vae.train import train
 
 
 def crawl_cfg(data: Path, out: Path, *overrides: str):

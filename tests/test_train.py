@@ -14,10 +14,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+from ebm_vae.callbacks import ValidateAtEnd
 from ebm_vae.capsules import CapsuleError
 from ebm_vae.data.stats import Stats
 from ebm_vae.model.vae import VAE
-from ebm_vae.train import ValidateAtEnd, train
+from ebm_vae.train import train
 
 CAPSULES = ("fusion", "wafer", "grid")
 VAL_METRICS = ("val/elbo", "val/iwae", "val/recon", "val/kl", "val/iwae_phys")

@@ -5,10 +5,18 @@ the bound, chunked as an export chunks them) for k = 1 (negative ELBO) and k = 6
 beside a plain forward pass (encoder, then decoder at the posterior mean) of the same
 network over the same grid points, at the batch size the energy's decoder calls run at, in
 the same run, and their ratio.
-Cases: `grid` (2-D vector state, the default MLP) and `fusion` (3 x 64 x 64 field, the conv
-net at the fusion preset's width; 3 x 16 x 16 with --quick). The k = 1 ratio shows the cost
-of the ELBO over a forward pass (one latent draw, the Gaussian log densities); at k = 64 the
-decoder runs 64 times per point, so the ratio is expected near 1/64 or above.
+Cases: `grid` (2-D vector state, the default MLP) and `fusion` (3 x 64 x 64 field; 3 x 16 x
+16 with --quick) as training now builds it: the principal-coefficient field density with an
+MLP core over `FIELD_RANK` coefficients. The k = 1 ratio shows the cost of the ELBO over a
+forward pass (one latent draw, the Gaussian log densities); at k = 64 the decoder runs 64
+times per point, so the ratio is expected near 1/64 or above.
+
+Marginal maps (`fusion_marginal_r<rank>_cpu`): the seconds of a 128 x 128 marginal map
+(32 x 32 with --quick) at k = 64 of the fusion model with a core of 16 and of 48 principal
+coefficients, beside the slice map of the same grid and k (`evaluate_energy`), and their
+ratio. The models are untrained: the marginal's adaptive draws depend on the weights, and an
+untrained core (its encoder far from its posterior) draws more than a trained one, so these
+are upper figures.
 
 CPU figures are single-threaded, best of `REPEATS` run in turns, per CPU-second (the
 machine may be shared) with wall-clock beside. With --gpu (and a CUDA device): the same
@@ -30,10 +38,14 @@ import torch
 from ebm_vae.data.extractors.base import StateInfo
 from ebm_vae.energy.evaluate import chunk_points_for, evaluate_energy
 from ebm_vae.energy.grid import GridStats, StateGrid
+from ebm_vae.energy.marginal import marginal_energy
+from ebm_vae.energy.methods.marginal import axis_rows, vae_coordinates
 from ebm_vae.model.vae import VAE
 
 REPEATS = 3
 KS = (1, 64)
+FIELD_RANK = 16  # principal coefficients of the fusion model's learned core
+MARGINAL_RANKS = (16, 48)
 
 
 def _case(name: str, quick: bool) -> tuple[StateInfo, dict[str, Any]]:
@@ -41,21 +53,26 @@ def _case(name: str, quick: bool) -> tuple[StateInfo, dict[str, Any]]:
         return StateInfo(kind="vector", shape=(2,), names=("frequency", "phase_angle"),
                          units=("Hz", "rad")), {}
     side = 16 if quick else 64
-    return StateInfo.field(["Bx", "By", "Bz"], ["T"] * 3, (side, side)), {"channels": 8}
+    return StateInfo.field(["Bx", "By", "Bz"], ["T"] * 3, (side, side)), {"stats_meta": {"field_rank": FIELD_RANK}}
 
 
-def _model(state: StateInfo, kwargs: dict[str, Any], device: torch.device) -> tuple[VAE, StateGrid]:
+def _model(state: StateInfo, kwargs: dict[str, Any], device: torch.device,
+           resolution: int = 1024) -> tuple[VAE, StateGrid]:
     """An untrained VAE (speed does not depend on the weights) and its default export grid."""
     torch.manual_seed(0)
-    vae = VAE(state.to_dict(), capsule={"name": "bench"}, **kwargs)
     rng = np.random.default_rng(0)
     stats = GridStats(mean=rng.normal(size=state.dim), std=rng.uniform(0.5, 2.0, state.dim))
+    pca = None
     if state.kind == "field":
-        basis, _ = np.linalg.qr(rng.standard_normal((state.dim, 8)))
-        stats = GridStats(stats.mean, stats.std, pca_components=basis.T, pca_std=np.linspace(3.0, 1.0, 8))
-    pca = None if stats.pca_components is None else {"components": stats.pca_components, "std": stats.pca_std}
-    vae.set_normalization(SimpleNamespace(mean=stats.mean, std=stats.std, pca=pca))  # Stats-like
-    return vae.to(device).eval(), StateGrid.build(state, stats, resolution=1024)
+        n = MARGINAL_RANKS[-1] + 8
+        basis, _ = np.linalg.qr(rng.standard_normal((state.dim, n)))
+        eigenvalues = np.linspace(3.0, 0.5, n) ** 2
+        stats = GridStats(stats.mean, stats.std, pca_components=basis.T, pca_std=np.sqrt(eigenvalues))
+        pca = {"components": basis.T, "std": np.sqrt(eigenvalues), "eigenvalues": eigenvalues,
+               "total_variance": float(eigenvalues.sum() + 0.01 * (state.dim - n)), "noise_floor": 1e-9}
+    vae = VAE(state.to_dict(), capsule={"name": "bench"}, **kwargs)
+    vae.set_normalization(SimpleNamespace(mean=stats.mean, std=stats.std, raw_std=stats.std, pca=pca))  # Stats-like
+    return vae.to(device).eval(), StateGrid.build(state, stats, resolution=resolution)
 
 
 def _sync(device: torch.device) -> None:
@@ -140,11 +157,32 @@ def _cases(device: torch.device, quick: bool, **extra: Any) -> dict[str, dict[st
     return results
 
 
+def _marginal_case(state: StateInfo, rank: int, resolution: int, k: int) -> dict[str, Any]:
+    """Seconds of a marginal map of the fusion model beside the slice map of the same grid and k."""
+    cpu = torch.device("cpu")
+    vae, grid = _model(state, {"stats_meta": {"field_rank": rank}}, cpu, resolution)
+    rows, origin = axis_rows(grid)
+    points = grid.points(0, grid.n_points)
+    marginal_wall, marginal_cpu = _timed(
+        lambda: marginal_energy(vae_coordinates(vae, rows, origin), points, k=k, seed=0), cpu)
+    slice_wall, slice_cpu = _timed(lambda: _energy(vae, grid, grid.n_points, k, 4096, cpu), cpu)
+    return {"marginal_seconds": marginal_wall, "marginal_cpu_seconds": marginal_cpu,
+            "slice_seconds": slice_wall, "slice_cpu_seconds": slice_cpu, "ratio": marginal_cpu / slice_cpu,
+            "resolution": resolution, "k": k, "rank": rank, "threads": 1}
+
+
+def _marginal_cases(quick: bool) -> dict[str, dict[str, Any]]:
+    state, _ = _case("fusion", quick)
+    return {f"fusion_marginal_r{rank}_cpu": _marginal_case(state, rank, 32 if quick else 128, 64)
+            for rank in MARGINAL_RANKS}
+
+
 def run(args: Any) -> dict[str, dict[str, Any]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         results = _cases(torch.device("cpu"), args.quick, threads=1)
+        results.update(_marginal_cases(args.quick))
     finally:
         torch.set_num_threads(threads)
 
@@ -162,8 +200,13 @@ def run(args: Any) -> dict[str, dict[str, Any]]:
             "points": grid.n_points, "chunk_points": chunk, "forward_batch": batch, "gpu": gpu_name}
     if not args.json:
         for key, entry in results.items():
-            figure = (f"{entry['seconds']:.2f} s" if "seconds" in entry
-                      else f"{entry['energy_points_per_s']:,.0f} points/s "
-                           f"(forward {entry['forward_points_per_s']:,.0f})")
+            if "marginal_seconds" in entry:
+                figure = (f"{entry['resolution']}^2 marginal map {entry['marginal_seconds']:.1f} s "
+                          f"({entry['marginal_cpu_seconds']:.1f} CPU-s; slice {entry['slice_cpu_seconds']:.1f} CPU-s)")
+            elif "seconds" in entry:
+                figure = f"{entry['seconds']:.2f} s"
+            else:
+                figure = (f"{entry['energy_points_per_s']:,.0f} points/s "
+                          f"(forward {entry['forward_points_per_s']:,.0f})")
             print(f"export {key}: {figure}, ratio {entry['ratio']:.4f}")
     return results

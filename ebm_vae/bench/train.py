@@ -75,21 +75,25 @@ def _in_memory(cfg: Any, state: dict, device: torch.device, precision: str, warm
     """(wall, cpu) seconds of `steps` steps of the same model, loss, optimiser and clipping
     over batches of a tensor already on `device`."""
     model = instantiate(cfg.model, _convert_="all", state=state).to(device)
-    optimizer = model.configure_optimizers()
+    optimizers = model.configure_optimizers()
+    optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
     batch_size = cfg.data.batch_size
     data = torch.randn(8 * batch_size, *model.state_info.shape, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     clip = cfg.trainer.gradient_clip_val
 
-    def step(i: int) -> None:
+    def step(i: int) -> None:  # what the Trainer runs per step: support, loss, clip, step, EMA
         x = data[(i % 8) * batch_size:(i % 8 + 1) * batch_size]
+        model.record_support(x)
         with autocast:
-            loss = -model.elbo_terms(x).elbo.mean()
+            objective, _ = model.training_loss(x)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            torch.nn.utils.clip_grad_norm_(model.members.parameters(), clip)
         optimizer.step()
+        scheduler.step()
+        model.update_ema()
 
     for i in range(warmup):
         step(i)

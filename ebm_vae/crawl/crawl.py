@@ -55,6 +55,8 @@ from ebm_vae.data.readers import (
     sniff_format,
 )
 from ebm_vae.data.readers.base import one_line
+from ebm_vae.errors import ConfigError
+from ebm_vae.locks import output_lock
 
 log = logging.getLogger(__name__)
 ERRORS_SHOWN = 10
@@ -326,8 +328,12 @@ def _stop(pool: ProcessPoolExecutor) -> None:
         process.kill()
 
 
-def _previous(index_dir: Path, root: Path, fingerprint: str) -> Manifest | None:
-    """The last manifest of this root written under the same capsule definitions, if any."""
+def _previous(index_dir: Path, root: Path, fingerprint: str, replace_index: bool) -> Manifest | None:
+    """The last manifest of this root written under the same capsule definitions, if any.
+
+    An index holds one data tree: the manifest of another root is refused, or with
+    `replace_index` removed together with the statistics that describe it.
+    """
     try:
         previous = read_manifest(index_dir)
     except (FileNotFoundError, ValueError, OSError, pa.ArrowException) as exc:
@@ -335,7 +341,18 @@ def _previous(index_dir: Path, root: Path, fingerprint: str) -> Manifest | None:
             log.warning("ignoring the previous manifest in %s: %s", index_dir, one_line(exc))
         return None
     if previous.root != root:
-        log.info("previous manifest indexes %s, not %s: crawling everything", previous.root, root)
+        if not replace_index:
+            raise ConfigError(
+                f"{index_dir} is the index of data.root={previous.root} ({len(previous)} files; the "
+                f"checkpoints and maps under this paths.root describe that tree), not of {root}: give "
+                f"{root} its own paths.root=DIR, or replace that index with crawl.replace_index=true")
+        stale = sorted(index_dir.glob("*/stats.json"))
+        for path in stale:
+            path.unlink()
+        log.warning("replacing the index of %s (%d files) in %s with one of %s (crawl.replace_index=true); "
+                    "removed its statistics (%s); checkpoints and maps under this paths.root still "
+                    "describe the old tree", previous.root, len(previous), index_dir, root,
+                    ", ".join(p.parent.name for p in stale) or "none")
         return None
     if previous.capsules_fingerprint != fingerprint:
         log.info("capsule definitions changed since the last crawl: re-assigning every file")
@@ -426,20 +443,27 @@ def crawl(cfg: DictConfig) -> Manifest:
     """Index `cfg.data.root` into `${paths.index}/manifest.parquet` and return the manifest.
 
     Then, with `crawl.stats`, run the statistics pass of every capsule whose usable files
-    changed (or whose stats.json is missing).
+    changed (or whose stats.json is missing). The crawl holds the index's lock throughout: a
+    second crawl, or a training run or export reading the index, waits until it is done (and
+    says so). An index of another data tree is refused (`crawl.replace_index=true` replaces it).
     """
     if not cfg.data.root:
-        raise ValueError("data.root is not set: ebm-vae-crawl data.root=DIR")
+        raise ConfigError("data.root is not set: ebm-vae-crawl data.root=DIR")
     root = Path(cfg.data.root).expanduser().resolve()
     if not root.is_dir():
         raise NotADirectoryError(f"data.root={cfg.data.root}: not a directory")
     index_dir = Path(cfg.paths.index).expanduser().resolve()
     if index_dir == root or root in index_dir.parents:
-        raise ValueError(f"paths.index={index_dir} lies inside data.root={root}: the crawl never "
-                         "writes into the data tree; set paths.root elsewhere")
-    capsules = dict(sorted(visible_capsules(cfg.capsule_search_path).items()))
+        raise ConfigError(f"paths.index={index_dir} lies inside data.root={root}: the crawl never "
+                          "writes into the data tree; set paths.root elsewhere")
+    capsules = dict(sorted(visible_capsules(cfg.capsule_search_path).items()))  # bad ones fail first
+    with output_lock(index_dir, f"the crawl of {root}"):
+        return _crawl(cfg, root, index_dir, capsules)
+
+
+def _crawl(cfg: DictConfig, root: Path, index_dir: Path, capsules: dict[str, CapsuleConfig]) -> Manifest:
     fingerprint = capsules_fingerprint(capsules.values())
-    previous = _previous(index_dir, root, fingerprint)
+    previous = _previous(index_dir, root, fingerprint, cfg.crawl.replace_index)
 
     started = time.perf_counter()
     found = list(scan(root))

@@ -23,6 +23,8 @@ from ebm_vae.data.extractors import EXTRACTORS, StateInfo
 from ebm_vae.data.stats import Stats, run_stats_pass
 from ebm_vae.data.stream import StateStream, split_train_val, stream_args
 from ebm_vae.data.units import make_units
+from ebm_vae.errors import ConfigError
+from ebm_vae.locks import output_lock
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,9 @@ class CapsuleDataModule(L.LightningDataModule):
         units = make_units(manifest.usable(capsule.name), self.extractor, self.state,
                            data_cfg.unit_samples, data_cfg.unit_bytes)
         if not units:
-            raise ValueError(f"capsule '{capsule.name}': no usable files of state shape "
-                             f"{self.state.shape} in the manifest")
+            raise ConfigError(f"capsule '{capsule.name}': none of the usable files in the index of "
+                              f"data.root={manifest.root} has the state shape {self.state.shape} of its "
+                              "statistics; re-run ebm-vae-crawl data.root=DIR")
         self.train_units, self.val_units = split_train_val(units, data_cfg.val_fraction)
 
     @property
@@ -94,30 +97,46 @@ class CapsuleDataModule(L.LightningDataModule):
 
 
 def load_index(cfg: Any, capsule: CapsuleConfig) -> tuple[Manifest, Stats]:
-    """The manifest and the capsule's statistics under `cfg.paths.index`.
+    """The manifest and the capsule's statistics under `cfg.paths.index`, as one snapshot.
 
-    Crawls `cfg.data.root` when there is no manifest (or it indexes another root), and runs the
+    Both are read under the index's lock, so a crawl writing them at the same time is waited
+    for. Crawls `cfg.data.root` when there is no manifest yet (an index of another root than
+    `data.root` is refused there: `crawl.replace_index=true` replaces it), and runs the
     statistics pass when the capsule has no `stats.json` yet.
     """
     index = Path(cfg.paths.index)
-    data_root = Path(cfg.data.root).resolve() if cfg.data.root else None
+    data_root = Path(cfg.data.root).expanduser().resolve() if cfg.data.root else None
+    purpose = f"reading the index for capsule {capsule.name}"
+    with output_lock(index, purpose, shared=True):
+        manifest, stats = _read_index(index, capsule.name)
+    if manifest is not None and stats is not None and data_root in (None, manifest.root.resolve()):
+        return manifest, stats
+    with output_lock(index, purpose.replace("reading", "completing")):  # another process may have
+        manifest, stats = _read_index(index, capsule.name)              # completed it meanwhile
+        if manifest is None or data_root not in (None, manifest.root.resolve()):
+            if data_root is None:
+                raise FileNotFoundError(f"{index}: no manifest; pass data.root=DIR to crawl one")
+            from ebm_vae.crawl.crawl import crawl
+
+            log.info("crawling %s into %s", data_root, index)
+            manifest = crawl(cfg)
+            stats = _read_index(index, capsule.name)[1]
+        if stats is None:
+            if not manifest.usable(capsule.name):
+                raise ConfigError(f"capsule '{capsule.name}' has no usable files under data.root="
+                                  f"{manifest.root} (see the error column of {index / 'manifest.parquet'})")
+            log.info("running the statistics pass for %s", capsule.name)
+            stats = run_stats_pass(manifest, capsule, index, cfg)
+    return manifest, stats
+
+
+def _read_index(index: Path, capsule: str) -> tuple[Manifest | None, Stats | None]:
     try:
         manifest = read_manifest(index)
-        stale = data_root is not None and manifest.root.resolve() != data_root
     except FileNotFoundError:
-        manifest, stale = None, True
-    if stale:
-        if data_root is None:
-            raise FileNotFoundError(f"{index}: no manifest; pass data.root=DIR to crawl one")
-        from ebm_vae.crawl.crawl import crawl
-
-        log.info("crawling %s into %s", data_root, index)
-        manifest = crawl(cfg)
-    stats_path = index / capsule.name / "stats.json"
-    if stats_path.is_file():
-        return manifest, Stats.load(stats_path)
-    log.info("running the statistics pass for %s", capsule.name)
-    return manifest, run_stats_pass(manifest, capsule, index, cfg)
+        return None, None
+    stats_path = index / capsule / "stats.json"
+    return manifest, Stats.load(stats_path) if stats_path.is_file() else None
 
 
 def datamodule_from_config(cfg: Any) -> CapsuleDataModule:

@@ -27,7 +27,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ebm_vae.config import CapsuleConfig
 from ebm_vae.data.extractors import EXTRACTORS, StateInfo
+from ebm_vae.data.moments import Moments, floored_std
 from ebm_vae.data.principal import (
+    Accumulator,
     Reservoir,
     choose_rank,
     noise_floor,
@@ -35,78 +37,15 @@ from ebm_vae.data.principal import (
     principal_summary,
 )
 from ebm_vae.data.readers.base import one_line
+from ebm_vae.data.support import PointMasses, Support, component_bounds
 from ebm_vae.data.units import WorkUnit, chunk_samples, entry_plan, read_unit
 from ebm_vae.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-STD_FLOOR_RELATIVE = 1e-6  # a std below this fraction of the component's scale is "constant"
-STD_FLOOR_ABSOLUTE = 1e-12
 QUANTILE_LEVELS = (0.001, 0.005, 0.01, 0.5, 0.99, 0.995, 0.999)
 QUANTILE_RESERVOIR_STATES = 65536  # states kept for the quantiles (at most ...
 QUANTILE_RESERVOIR_BYTES = 64 * 2**20  # ... and this many bytes of them)
-
-
-@dataclass
-class Moments:
-    """Count, mean, sum of squared deviations (m2), min, max over finite samples; NaN/Inf counts."""
-
-    count: int
-    mean: np.ndarray
-    m2: np.ndarray
-    min: np.ndarray
-    max: np.ndarray
-    nan_count: np.ndarray
-    inf_count: np.ndarray
-
-    @classmethod
-    def empty(cls, dim: int) -> Moments:
-        return cls(0, np.zeros(dim), np.zeros(dim), np.full(dim, np.inf), np.full(dim, -np.inf),
-                   np.zeros(dim, np.int64), np.zeros(dim, np.int64))
-
-    @classmethod
-    def of(cls, states: np.ndarray) -> Moments:
-        """Moments of one chunk (n, D); rows with a non-finite component are counted, not used."""
-        nan = np.isnan(states)
-        inf = np.isinf(states)
-        finite_rows = ~(nan | inf).any(axis=1)
-        x = states[finite_rows].astype(np.float64) if not finite_rows.all() else states.astype(np.float64)
-        out = cls.empty(states.shape[1])
-        out.nan_count, out.inf_count = nan.sum(axis=0), inf.sum(axis=0)
-        if len(x):
-            out.count = len(x)
-            out.mean = x.mean(axis=0)
-            out.m2 = np.square(x - out.mean).sum(axis=0)
-            out.min, out.max = x.min(axis=0), x.max(axis=0)
-        return out
-
-    def merge(self, other: Moments) -> Moments:
-        """Chan et al.'s parallel update: exact for any split of the samples."""
-        n = self.count + other.count
-        if n == 0:
-            mean, m2 = self.mean, self.m2
-        else:
-            delta = other.mean - self.mean
-            mean = self.mean + delta * (other.count / n)
-            m2 = self.m2 + other.m2 + np.square(delta) * (self.count * other.count / n)
-        return Moments(n, mean, m2, np.minimum(self.min, other.min), np.maximum(self.max, other.max),
-                       self.nan_count + other.nan_count, self.inf_count + other.inf_count)
-
-    @property
-    def raw_std(self) -> np.ndarray:
-        return np.sqrt(self.m2 / self.count) if self.count else np.zeros_like(self.m2)
-
-
-def floored_std(mean: np.ndarray, raw_std: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """Floor near-constant components so z-scoring stays finite; returns (std, floored indices).
-
-    The floor is relative to the component's magnitude (|mean|) or the state's largest std,
-    whichever is larger, so it does not depend on the units.
-    """
-    scale = np.maximum(np.abs(mean), raw_std.max(initial=0.0))
-    floor = np.maximum(STD_FLOOR_RELATIVE * scale, STD_FLOOR_ABSOLUTE)
-    low = raw_std < floor
-    return np.where(low, floor, raw_std), np.flatnonzero(low).tolist()
 
 
 @dataclass
@@ -129,6 +68,8 @@ class Stats:
     quantiles: dict[str, np.ndarray] | None = None
     files: list[dict[str, Any]] = field(default_factory=list)  # [{path, size, mtime_ns}]
     created: str = ""
+    support: Support | None = None  # vector states with declared bounds
+    point_masses: PointMasses | None = None  # vector states: values holding a large share
 
     @property
     def state_info(self) -> StateInfo:
@@ -181,7 +122,9 @@ class Stats:
         quantiles = None if self.quantiles is None else {k: np.asarray(v).tolist() for k, v in self.quantiles.items()}
         return {"capsule": self.capsule, "state": self.state, "count": self.count, **arrays,
                 "floored": self.floored, "pca": pca, "quantiles": quantiles, "files": self.files,
-                "created": self.created, "log_jacobian": self.log_jacobian}
+                "created": self.created, "log_jacobian": self.log_jacobian,
+                "support": None if self.support is None else self.support.to_dict(),
+                "point_masses": None if self.point_masses is None else self.point_masses.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Stats:
@@ -192,7 +135,9 @@ class Stats:
             {k: np.asarray(v, dtype=np.float64) for k, v in d["quantiles"].items()}
         return cls(capsule=d["capsule"], state=d["state"], count=int(d["count"]), **floats, **ints,
                    floored=list(d.get("floored", [])), pca=pca, quantiles=quantiles,
-                   files=list(d.get("files", [])), created=d.get("created", ""))
+                   files=list(d.get("files", [])), created=d.get("created", ""),
+                   support=None if d.get("support") is None else Support.from_dict(d["support"]),
+                   point_masses=None if d.get("point_masses") is None else PointMasses.from_dict(d["point_masses"]))
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_dict())
@@ -217,6 +162,10 @@ def merge_stats(a: Stats, b: Stats) -> Stats:
     merged = Stats.from_moments(a.capsule, a.state, a.moments.merge(b.moments), pca=pca,
                                 files=sorted(files.values(), key=lambda f: f["path"]))
     merged.quantiles = (a if a.count >= b.count else b).quantiles  # like the basis: the larger part's
+    if a.support is not None and b.support is not None:
+        merged.support = a.support.merge(b.support)
+    if a.point_masses is not None and b.point_masses is not None:
+        merged.point_masses = a.point_masses.merge(b.point_masses)
     return merged
 
 
@@ -246,13 +195,71 @@ def _progress(enabled: bool) -> Progress:
                     disable=not enabled)
 
 
+@dataclass
+class PartialStats:
+    """Every partial result of the statistics pass over some of a capsule's states, with an
+    exact `merge`: files, workers and ranks each hold one, and their merge is the whole's."""
+
+    state: StateInfo
+    moments: Moments
+    principal: Accumulator | None  # field states: exact covariance or reservoir
+    quantiles: Reservoir
+    support: Support | None  # vector states with declared bounds
+    point_masses: PointMasses | None  # vector states
+
+    @classmethod
+    def empty(cls, state: StateInfo, capsule: CapsuleConfig, cfg: Any, seed: int) -> PartialStats:
+        field_state = state.kind == "field"
+        lower, upper = component_bounds(state, capsule.bounds)
+        bounded = not (np.isnan(lower).all() and np.isnan(upper).all())
+        return cls(state, Moments.empty(state.dim),
+                   principal_accumulator(state.dim, cfg.crawl.exact_covariance_max_dim,
+                                         cfg.crawl.stats_reservoir, seed=seed) if field_state else None,
+                   quantile_reservoir(state.dim, seed=seed),
+                   Support.empty(lower, upper) if bounded else None,
+                   None if field_state else PointMasses())
+
+    def add(self, states: np.ndarray) -> None:
+        self.moments = self.moments.merge(Moments.of(states))
+        for part in (self.principal, self.quantiles, self.support):
+            if part is not None:
+                part.add(states)
+        if self.point_masses is not None:
+            self.point_masses = self.point_masses.merge(PointMasses.of(states[np.isfinite(states).all(axis=1)]))
+
+    def merge(self, other: PartialStats) -> PartialStats:
+        def both(a, b):
+            return None if a is None else a.merge(b)
+
+        return PartialStats(self.state, self.moments.merge(other.moments),
+                            both(self.principal, other.principal), self.quantiles.merge(other.quantiles),
+                            both(self.support, other.support), both(self.point_masses, other.point_masses))
+
+    def finish(self, capsule: str, n_components: int, files: list[dict[str, Any]]) -> Stats:
+        """The statistics of the merged whole, with warnings about bounds and point masses."""
+        total = self.moments
+        pca = None if self.principal is None else principal_summary(
+            self.principal, total.mean, np.square(total.raw_std), n_components)
+        stats = Stats.from_moments(capsule, self.state, total, pca=pca, files=files)
+        if self.state.kind != "field" or pca is not None:  # fields: of the principal coefficients only
+            stats.quantiles = reservoir_quantiles(self.quantiles.sample, total.mean, pca)
+        stats.support, stats.point_masses = self.support, self.point_masses
+        if self.support is not None:
+            self.support.report(capsule, self.state.names)
+        for i, value, share in (self.point_masses.large() if self.point_masses else []):
+            log.warning("%s: %.3g%% or more of the %s values are exactly %g: a point mass, which a density "
+                        "smears (declare it as a bound, bounds: {%s: [%g, null]}, if it is one)",
+                        capsule, 100.0 * share, self.state.names[i], value, self.state.names[i], value)
+        return stats
+
+
 def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path, cfg: Any) -> Stats:
     """Statistics of every usable file of `capsule`, written to `index_dir/<capsule>/stats.json`.
 
     `cfg` is a composed config with `crawl` (n_components, stats_reservoir,
-    exact_covariance_max_dim, progress) and
-    `data` (chunk_bytes). Files whose state shape differs from the majority's are skipped with
-    a warning naming them, as are files that fail while being read.
+    exact_covariance_max_dim, progress) and `data` (chunk_bytes). Files whose state shape
+    differs from the majority's are skipped with a warning naming them, as are files that fail
+    while being read. Each file's statistics are a `PartialStats`, merged when it is read whole.
     """
     extractor = EXTRACTORS[capsule.extractor](capsule)
     entries = manifest.usable(capsule.name)
@@ -262,16 +269,8 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
     plans = [entry_plan(extractor, e) for e in entries]
     state = Counter(p.state for p in plans).most_common(1)[0][0]
     chunk = chunk_samples(state, cfg.data.chunk_bytes)
-
-    def principal_part(seed: int):  # the principal-basis accumulator of one file (fields only)
-        if state.kind != "field":
-            return None
-        return principal_accumulator(state.dim, cfg.crawl.exact_covariance_max_dim,
-                                     cfg.crawl.stats_reservoir, seed=seed)
-
-    principal = principal_part(seed=0)
-    quantiles = quantile_reservoir(state.dim, seed=0)
-    total, files, skipped = Moments.empty(state.dim), [], []
+    total = PartialStats.empty(state, capsule, cfg, seed=0)
+    files, skipped = [], []
     root = Path(manifest.root)
     with _progress(cfg.crawl.progress) as progress:
         task = progress.add_task(capsule.name, total=sum(p.n_samples for p in plans if p.state == state))
@@ -281,35 +280,22 @@ def run_stats_pass(manifest: Any, capsule: CapsuleConfig, index_dir: str | Path,
                             entry.path, plan.state.shape, state.shape)
                 skipped.append(entry.path)
                 continue
-            unit = WorkUnit.whole(entry, plan)
-            part, part_principal = Moments.empty(state.dim), principal_part(seed=index + 1)
-            part_quantiles = quantile_reservoir(state.dim, seed=index + 1)
+            part = PartialStats.empty(state, capsule, cfg, seed=index + 1)
             try:
-                for states in read_unit(extractor, root, unit, chunk):
-                    part = part.merge(Moments.of(states))
-                    if part_principal is not None:
-                        part_principal.add(states)
-                    part_quantiles.add(states)
+                for states in read_unit(extractor, root, WorkUnit.whole(entry, plan), chunk):
+                    part.add(states)
                     progress.advance(task, len(states))
-            except Exception as exc:  # a bad file never stops the pass; its partial moments are dropped
+            except Exception as exc:  # a bad file never stops the pass; its partial statistics are dropped
                 log.warning("skipping %s: %s", entry.path, one_line(exc))
                 skipped.append(entry.path)
                 continue
             total = total.merge(part)
-            if principal is not None:
-                principal = principal.merge(part_principal)
-            quantiles.merge(part_quantiles)
             files.append({"path": entry.path, "size": entry.size, "mtime_ns": entry.mtime_ns})
     if skipped:
         log.warning("statistics of %s: %d of %d usable files skipped (reasons above), %d counted",
                     capsule.name, len(skipped), len(entries), len(files))
-    if total.count == 0:
+    if total.moments.count == 0:
         raise ValueError(f"capsule '{capsule.name}': no finite samples in {len(entries)} usable files")
-    pca = None if principal is None else principal_summary(
-        principal, total.mean, np.square(total.raw_std), cfg.crawl.n_components)
-    stats = Stats.from_moments(capsule.name, state, total, pca=pca, files=files)
-    if state.kind != "field" or pca is not None:  # fields: of the principal coefficients only
-        stats.quantiles = reservoir_quantiles(quantiles.sample, total.mean, pca)
+    stats = total.finish(capsule.name, cfg.crawl.n_components, files)
     stats.save(Path(index_dir) / capsule.name / "stats.json")
     return stats
-

@@ -5,7 +5,10 @@
 
 The energy is -log p(x) in nats for the density in physical units (z-score Jacobian
 included), on the same scale as the exported maps; k = 1 gives the negative ELBO, k > 1 the
-importance-weighted bound, which approaches -log p(x) from above as k grows.
+importance-weighted bound, which approaches -log p(x) from above as k grows. Where a state's
+estimate is unsure (standard error above 0.1 nats), k is raised for that state (up to
+`max_k`); `model.estimate(states)` returns the whole account (`EnergyEstimate`: energy, std,
+standard error, ensemble spread, k used per state).
 
 Checkpoints are loaded with `torch.load(weights_only=True)`: a checkpoint is a file from
 somewhere, and unpickling arbitrary objects would run code. Ours hold plain containers only.
@@ -20,7 +23,13 @@ import numpy as np
 import torch
 
 from ebm_vae.data.readers.base import one_line
-from ebm_vae.energy.evaluate import evaluate_energy, resolve_device
+from ebm_vae.energy.evaluate import (
+    MAX_K,
+    TARGET_STDERR,
+    EnergyEstimate,
+    estimate_energy,
+    resolve_device,
+)
 from ebm_vae.energy.states import validated_states
 
 
@@ -86,17 +95,29 @@ class EnergyModel:
         return tuple(self.vae.state_info.shape)
 
     def energy(self, states: Any, k: int = 64, seed: int = 0, chunk_points: int | None = None,
-               progress: bool = False,
-               return_std: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+               progress: bool = False, return_std: bool = False,
+               max_k: int | None = MAX_K) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """(N,) float64 nats for `states` (N, D) or (N, *state_shape) in physical units.
 
         Evaluated in chunks sized to the device's memory; reproducible for a given `seed`.
+        `return_std`: also (N,) the uncertainty of each energy in nats (the ensemble's spread
+        and the Monte Carlo standard error combined; see `ebm_vae.energy.evaluate`).
+        """
+        estimate = self.estimate(states, k=k, seed=seed, chunk_points=chunk_points, progress=progress,
+                                 max_k=max_k)
+        return (estimate.energy, estimate.std) if return_std else estimate.energy
+
+    def estimate(self, states: Any, k: int = 64, seed: int = 0, chunk_points: int | None = None,
+                 progress: bool = False, max_k: int | None = MAX_K,
+                 target_stderr: float = TARGET_STDERR) -> EnergyEstimate:
+        """The energies of `states` with their uncertainty, standard error, spread and k used.
+
         Bad states (wrong shape or dtype, NaN/Inf) behave as `ebm_vae.energy.states` says.
-        `return_std`: also (N,) the uncertainty of each energy in nats.
         """
         batch = validated_states(states, self.state_shape, f"capsule '{self.capsule}'",
                                  fill=self.vae.norm_mean.cpu().numpy(), names=self.state_names)
-        result = evaluate_energy(self.vae, batch.chunk, len(batch), k=k, seed=seed, device=self.device,
-                                 chunk_points=chunk_points, progress=progress, return_std=return_std)
-        batch.finish(*(result if return_std else (result,)))
-        return result
+        estimate = estimate_energy(self.vae, batch.chunk, len(batch), k=k, seed=seed, device=self.device,
+                                   chunk_points=chunk_points, progress=progress, max_k=max_k,
+                                   target_stderr=target_stderr)
+        batch.finish(estimate.energy, estimate.std, estimate.stderr, estimate.spread)
+        return estimate

@@ -15,14 +15,15 @@ device), so normalisation costs nothing on the data-loading side.
 
 `build_transform` picks one per state: `PrincipalField` for field states (the learned core
 models r whitened principal coefficients, an exact Gaussian the residual; it contains
-probabilistic PCA), `Standardize` (z-scoring) for vector states.
+probabilistic PCA), `Bounded` for vector states with physical bounds (log / logit, the exact
+Jacobian, +inf outside), `Standardize` (z-scoring) for the other vector states.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,8 +31,18 @@ from torch import Tensor, nn
 
 from ebm_vae.data.extractors.base import StateInfo
 from ebm_vae.data.principal import noise_floor, noise_variance
+from ebm_vae.data.support import component_bounds, support_inverse, support_map
 
 LOG_2PI = math.log(2.0 * math.pi)
+
+
+class AffineAxes(NamedTuple):
+    """Map coordinates a = rows @ (x - origin) as a function of the model coordinates u (flat):
+    a = offset + matrix @ u + e with e ~ N(0, residual) independent of u (float64 tensors)."""
+
+    offset: Tensor  # (n,)
+    matrix: Tensor  # (n, prod(out_shape))
+    residual: Tensor  # (n, n)
 
 
 class StateTransform(nn.Module, ABC):
@@ -67,12 +78,23 @@ class StateTransform(nn.Module, ABC):
         field's -sum(log std) is ~1e4 nats), where float32 would round away 1e-3 nats.
         """
 
+    def describe(self) -> dict[str, Any]:
+        """What an energy map's metadata should say about the transform (bounds, rank, ...)."""
+        return {}
+
     @abstractmethod
     def inverse(self, u: Tensor, generator: torch.Generator | None = None, *, draw: bool = True) -> Tensor:
         """Physical states (N, D) of model coordinates u: draws x ~ p(x | u), so that samples of
         the core density become samples of p(x) (a deterministic inverse where x is a function
         of u; a draw of the closed-form part, e.g. a residual, where it is not). `draw=False`
         gives the mean of p(x | u) instead (reconstructions)."""
+
+    def affine_axes(self, rows: Tensor, origin: Tensor) -> AffineAxes | None:
+        """How linear map axes a = rows @ (x - origin) (rows (n, D), origin (D,), float64) depend
+        on the model coordinates, where they do affinely (`AffineAxes`); None where they do not
+        (a nonlinear transform). Marginal energy maps integrate in model coordinates with it
+        (ebm_vae/energy/methods/marginal.py)."""
+        return None
 
 
 class Standardize(StateTransform):
@@ -105,6 +127,12 @@ class Standardize(StateTransform):
 
     def inverse(self, u: Tensor, generator: torch.Generator | None = None, *, draw: bool = True) -> Tensor:
         return u.reshape(u.shape[0], -1) * self.std + self.mean
+
+    def affine_axes(self, rows: Tensor, origin: Tensor) -> AffineAxes:
+        """x = mean + std * u exactly: a = rows (mean - origin) + (rows * std) u."""
+        rows = rows.double()
+        return AffineAxes(rows @ (self.mean.double() - origin), rows * self.std.double(),
+                          torch.zeros(len(rows), len(rows), dtype=torch.float64, device=rows.device))
 
 
 class PrincipalField(StateTransform):
@@ -201,6 +229,11 @@ class PrincipalField(StateTransform):
                    - 0.5 * residual.square().sum(dim=1) / self.noise_variance)
         return u.float(), log_det
 
+    def describe(self) -> dict[str, Any]:
+        return {"field_rank": self.rank, "residual_std": float(torch.sqrt(self.noise_variance)),
+                "energy": "-log p of the full field: the learned density of the leading principal "
+                          "coefficients times an exact isotropic Gaussian of the residual"}
+
     def inverse(self, u: Tensor, generator: torch.Generator | None = None, *, draw: bool = True) -> Tensor:
         """mu + W^T (sqrt(lambda) u), plus a draw of the residual noise (without `draw`: the
         mean of p(x | u), the reconstruction from the coefficients alone)."""
@@ -211,11 +244,89 @@ class PrincipalField(StateTransform):
             x = x + torch.sqrt(self.noise_variance) * noise
         return x.float()
 
+    def affine_axes(self, rows: Tensor, origin: Tensor) -> AffineAxes:
+        """x = mu + W^T (sqrt(lambda) u) + e, e ~ N(0, s^2 (I - W^T W)): a = rows (mu - origin)
+        + (rows W^T sqrt(lambda)) u + rows e, the last with covariance s^2 (P P^T - P W^T W P^T)."""
+        rows = rows.double()
+        projected = rows @ self.basis.T  # (n, r)
+        residual = self.noise_variance * (rows @ rows.T - projected @ projected.T)
+        return AffineAxes(rows @ (self.mean - origin), projected * torch.sqrt(self.eigenvalues), residual)
+
+
+class Bounded(StateTransform):
+    """Vector states with physical bounds: y = log / logit of each bounded component
+    (`ebm_vae.data.support.support_map`), then z-scoring of y with its own moments.
+
+        log p(x) = log p_core(u) + sum_i log |dy_i/dx_i| - sum_i log std_i + log(1 - w)
+
+    strictly inside every bound, and log_det = -inf at or beyond one (E = +inf: no mass there).
+    The density is proper on the open support. w is the share of the data the statistics
+    found at or beyond a bound (a point mass such as irradiance 0 at night), which the model
+    leaves out of training: its energies are those of the continuous part, -log((1 - w) p_c),
+    on the scale of a histogram of all samples. u stays finite for every input (the mean
+    stands in at or beyond a bound), so the networks never see a NaN.
+    """
+
+    def __init__(self, state: StateInfo, lower: np.ndarray, upper: np.ndarray):
+        super().__init__(state)
+        self.register_buffer("lower", torch.as_tensor(lower, dtype=torch.float64))  # nan: none
+        self.register_buffer("upper", torch.as_tensor(upper, dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(state.dim, dtype=torch.float64))  # of y
+        self.register_buffer("std", torch.ones(state.dim, dtype=torch.float64))
+        self.register_buffer("log_mass", torch.zeros((), dtype=torch.float64))  # log(1 - w)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.state.shape)
+
+    @property
+    def log_scale(self) -> float:
+        return float(torch.log(self.std).sum() - self.log_mass)
+
+    def set_statistics(self, stats: Any) -> None:
+        support = getattr(stats, "support", None)
+        if support is None:
+            raise ValueError("the capsule declares bounds but its statistics have no support summary: "
+                             "re-run the statistics pass (ebm-vae-crawl)")
+        device = self.mean.device
+        self.mean = torch.as_tensor(support.mapped.mean, dtype=torch.float64, device=device)
+        self.std = torch.as_tensor(support.std, dtype=torch.float64, device=device)
+        kept = 1.0 - support.counts.excluded_fraction
+        self.log_mass = torch.tensor(np.log(kept) if kept > 0 else -np.inf, dtype=torch.float64, device=device)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.reshape(x.shape[0], -1).double()
+        y, log_jacobian, inside = support_map(x, self.lower, self.upper, xp=torch)
+        inside = inside.all(dim=1)
+        u = torch.where(inside[:, None], (y - self.mean) / self.std, 0.0)
+        log_det = log_jacobian.sum(dim=1) - self.log_scale
+        return u.float(), torch.where(inside, log_det, -math.inf)
+
+    def inverse(self, u: Tensor, generator: torch.Generator | None = None, *, draw: bool = True) -> Tensor:
+        y = u.reshape(u.shape[0], -1).double() * self.std + self.mean
+        return support_inverse(y, self.lower, self.upper, xp=torch).float()
+
+    def describe(self) -> dict[str, Any]:
+        names = self.state.names
+        bounds = {names[i]: [None if math.isnan(lo) else lo, None if math.isnan(hi) else hi]
+                  for i, (lo, hi) in enumerate(zip(self.lower.tolist(), self.upper.tolist(), strict=True))
+                  if not (math.isnan(lo) and math.isnan(hi))}
+        excluded = -math.expm1(float(self.log_mass))
+        return {"bounds": bounds, "excluded_fraction": excluded,
+                "energy": "-log((1 - excluded_fraction) p_c(x)) strictly inside the bounds, p_c the density "
+                          "of the samples strictly inside every bound; +inf at and beyond a bound, where "
+                          f"{100 * excluded:.3g}% of the samples sit (a point mass, e.g. a value of exactly "
+                          "0, that no density holds)"}
+
 
 def build_transform(state: StateInfo, capsule: dict[str, Any] | None = None,
                     field_rank: int | None = None) -> StateTransform:
     """The transform of a state: `PrincipalField` of `field_rank` coefficients for a field state
-    (the rank the statistics chose: `Stats.field_rank`), z-scoring otherwise."""
+    (the rank the statistics chose: `Stats.field_rank`), `Bounded` for a vector state whose
+    capsule declares bounds, z-scoring otherwise."""
     if state.kind == "field" and field_rank is not None:
         return PrincipalField(state, int(field_rank))
+    lower, upper = component_bounds(state, (capsule or {}).get("bounds") or {})
+    if not (np.isnan(lower).all() and np.isnan(upper).all()):
+        return Bounded(state, lower, upper)
     return Standardize(state)

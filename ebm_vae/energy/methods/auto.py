@@ -31,9 +31,9 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ebm_vae.config import CapsuleConfig
-from ebm_vae.energy.grid import GridStats, default_axes
+from ebm_vae.energy.grid import GridStats
 from ebm_vae.energy.mapfile import EnergyMap
-from ebm_vae.energy.methods.common import MapRequest, wants_slice
+from ebm_vae.energy.methods.common import MapRequest, map_axes, wants_slice
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def choose(request: MapRequest) -> Choice:
     if stats is None:
         return Choice("vae", "no index statistics to count a histogram from")
     state = stats.state_info
-    axes = list(request.export.axes or default_axes(state, GridStats.from_stats(stats)))
+    axes = map_axes(request.export, state, GridStats.from_stats(stats))
     if wants_slice(request.export, state, len(axes)):
         return Choice("vae", f"a slice through a {state.dim}-component state cannot be counted")
     bins = request.export.resolution ** len(axes)

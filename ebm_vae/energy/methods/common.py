@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 from ebm_vae import __version__
 from ebm_vae.config import CapsuleConfig, to_container
 from ebm_vae.data.extractors.base import StateInfo
-from ebm_vae.energy.grid import GridStats, StateGrid
+from ebm_vae.energy.grid import GridStats, StateGrid, default_axes
+from ebm_vae.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +51,24 @@ class MapRequest:
         path = Path(self.cfg.paths.index) / self.capsule.name / "stats.json"
         return Stats.load(path) if path.is_file() else None
 
-    def require_index_stats(self):
+    def require_index_stats(self, root: Path):
+        """The statistics, or a one-line error naming the index and the data root it describes."""
         if self.index_stats is None:
             raise FileNotFoundError(
-                f"{Path(self.cfg.paths.index) / self.capsule.name / 'stats.json'}: no statistics for "
-                f"capsule '{self.capsule.name}'; run `ebm-vae-crawl data.root=DIR` first")
+                f"{Path(self.cfg.paths.index) / self.capsule.name / 'stats.json'}: no statistics for capsule "
+                f"'{self.capsule.name}' in the index of data.root={root}; run `ebm-vae-crawl data.root=DIR` first")
         return self.index_stats
 
     @functools.cached_property
     def vae(self):
         """The checkpoint's model on `export.device`, checked to be of this capsule."""
-        from ebm_vae.energy.model import load_vae
+        from ebm_vae.energy.model import CheckpointError, load_vae
 
         ckpt = self.checkpoint_path
         vae = load_vae(ckpt, self.export.device)
         trained_on = vae.hparams.capsule.get("name")
         if trained_on != self.capsule.name:
-            raise ValueError(f"{ckpt}: a checkpoint of capsule '{trained_on}', not of capsule="
+            raise CheckpointError(f"{ckpt}: a checkpoint of capsule '{trained_on}', not of capsule="
                              f"'{self.capsule.name}'; pass capsule={trained_on} or the ckpt=PATH of a "
                              f"{self.capsule.name} run")
         return vae
@@ -84,10 +86,21 @@ class MapRequest:
                                counted=counted, bounds=bounds)
 
 
+QUANTITIES = ("marginal", "slice")
+
+
 def wants_slice(export: DictConfig, state: StateInfo, n_axes: int) -> bool:
     """Whether the map is a slice through a state with more components than map axes (a
-    quantity no histogram can count); otherwise the map is the marginal of its axes."""
-    return state.dim > n_axes
+    quantity no histogram can count); otherwise it is the marginal of its axes (which for a
+    state with no more components than axes is the density itself)."""
+    if export.quantity not in (None, *QUANTITIES):
+        raise ConfigError(f"export.quantity must be one of {', '.join(QUANTITIES)} (or null), got '{export.quantity}'")
+    return export.quantity == "slice" and state.dim > n_axes
+
+
+def map_axes(export: DictConfig, state: StateInfo, stats: GridStats) -> list[str]:
+    """The map's axis names: `export.axes`, or the default ones."""
+    return list(export.axes) if export.axes else default_axes(state, stats)
 
 
 def vae_grid_stats(vae, index_stats) -> GridStats:
@@ -109,11 +122,12 @@ def vae_grid_stats(vae, index_stats) -> GridStats:
                      quantiles=index_stats.quantiles if same_basis else None)
 
 
-def map_metadata(capsule: CapsuleConfig, grid: StateGrid, *, method: str, k: int | None,
+def map_metadata(capsule: CapsuleConfig, grid: StateGrid, *, method: str, k: int | None, quantity: str,
                  definition: str, source_files: list, checkpoint: dict | None,
                  normalization: dict, extra: dict[str, Any]) -> dict[str, Any]:
     return {
         "capsule": capsule.name,
+        "quantity": quantity,
         "axes": [{"name": a.name, "unit": a.unit, "limits": [a.values[0], a.values[-1]],
                   "points": len(a.values), ("pc" if grid.on_pcs else "component"): a.index}
                  for a in grid.axes],

@@ -37,7 +37,7 @@ def slice_map(request: MapRequest) -> EnergyMap:
     meta = vae.hparams.stats_meta
     metadata = map_metadata(
         request.capsule, grid, method="vae-elbo" if ex.k == 1 else "vae-iwae", k=int(ex.k),
-        definition=DEFINITION, source_files=meta.get("files", []),
+        quantity="slice" if grid.state.dim > len(grid.axes) else "marginal", definition=DEFINITION, source_files=meta.get("files", []),
         checkpoint=request.checkpoint_metadata(),
         normalization=normalization(vae.state_info, grid.stats, float(vae.log_jacobian)),
         extra={"seed": int(ex.seed), "training_samples": meta.get("count"),
