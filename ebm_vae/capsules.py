@@ -111,8 +111,9 @@ def _check_log_rule(capsule: CapsuleConfig, source: str) -> None:
             raise CapsuleError(f"{source}: invalid capsule key 'log.timestamp_format': {exc}") from None
 
 
-def _yaml_reason(exc: Exception) -> str:
-    """A YAML error on one line: the problem and where (PyYAML's messages span lines)."""
+def yaml_reason(exc: Exception) -> str:
+    """A YAML error on one line: the problem and where (PyYAML's messages span lines). Also
+    for the apps, whose Hydra loads a selected capsule file itself (`capsule=NAME`)."""
     if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -130,7 +131,7 @@ def load_capsule_file(path: str | Path) -> CapsuleConfig:
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except Exception as exc:  # YAML syntax errors, tags that would construct objects, unreadable files
-        raise CapsuleError(f"{path}: {_yaml_reason(exc)}") from None
+        raise CapsuleError(f"{path}: {yaml_reason(exc)}") from None
     capsule = parse_capsule(data, source=str(path))
     if capsule.name != path.stem:
         raise CapsuleError(f"{path}: capsule.name '{capsule.name}' differs from the file name '{path.stem}'")

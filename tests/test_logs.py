@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ebm_vae import EnergyMap, demo
 from ebm_vae.capsules import CapsuleError, visible_capsules
@@ -161,6 +163,36 @@ def test_byte_ranges_split_across_lines_read_every_line_once(tmp_path):
         for c in columns:
             np.testing.assert_array_equal(np.concatenate([p[0][c] for p in parts]), whole[c])
         assert sum(p[1] for p in parts) == whole_skipped
+
+
+numbers = st.floats(-1e6, 1e6, allow_nan=False).map(lambda x: f"{x:.6g}")
+record = st.tuples(numbers, numbers, st.sampled_from(["", "dev7 ", "2024-05-01T00:00:00Z "]),
+                   st.booleans()).map(lambda t: f"{t[2]}f={t[0]} angle={t[1]}" if t[3] else f"{t[2]}angle={t[1]};F={t[0]}")
+junk = st.text(st.characters(codec="utf-8", exclude_characters="\n\r"), max_size=30)
+line = st.one_of(record, record, junk, st.sampled_from(["", "  ", "f=1", "f=x angle=2", "angle=3 f==4"]))
+
+
+@settings(deadline=None, derandomize=True, database=None, max_examples=25,
+          suppress_health_check=list(HealthCheck))
+@given(lines=st.lists(line, max_size=40), ending=st.sampled_from(["\n", "\r\n"]), last_newline=st.booleans(),
+       cuts=st.lists(st.integers(0, 4000), max_size=8))
+def test_any_partition_of_a_log_reads_each_record_once_and_counts_each_bad_line_once(
+        tmp_path_factory, lines, ending, last_newline, cuts):
+    path = tmp_path_factory.mktemp("fuzz") / "pmu.log"
+    path.write_bytes((ending.join(lines) + (ending if last_newline else "")).encode())
+    try:
+        whole, skipped = records(path, KEY_VALUE, ["f", "angle"])
+    except ReadError as exc:  # no key in the first lines, or nothing but blank lines: said in one line
+        assert "\n" not in str(exc)
+        return
+    size = path.stat().st_size
+    bounds = sorted({0, size, *(c % (size + 1) for c in cuts)})
+    parts = [records(path, KEY_VALUE, ["f", "angle"], a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+    for c in ("f", "angle"):
+        np.testing.assert_array_equal(np.concatenate([whole[c][:0], *(p[0][c] for p in parts)]), whole[c])
+    assert sum(p[1] for p in parts) == skipped
+    non_blank = sum(1 for text in lines if text.strip())
+    assert len(whole["f"]) + skipped == non_blank  # every line is a record or counted, none vanishes
 
 
 def test_a_gzip_log_is_one_unit_read_as_a_stream(tmp_path):

@@ -415,28 +415,37 @@ def _progress(enabled: bool) -> Progress:
 
 
 def summarize(manifest: Manifest, capsules: Iterable[str], console: Console) -> None:
-    """Per capsule: files, bytes, samples, errors; then the first error lines."""
-    columns = {k: manifest.table[k].to_pylist() for k in ("path", "size", "capsule", "n_samples", "error")}
-    totals: dict[str, list[int]] = {name: [0, 0, 0, 0] for name in capsules}
+    """Per capsule: files, bytes, samples, errors (and rows skipped inside usable files, where
+    any: log lines that do not parse); then the first error lines."""
+    names = ("path", "size", "capsule", "n_samples", "error", "skipped_rows")
+    columns = {k: manifest.table[k].to_pylist() for k in names}
+    totals: dict[str, list[int]] = {name: [0, 0, 0, 0, 0] for name in capsules}
     errors = []
-    for path, size, capsule, n_samples, error in zip(*columns.values(), strict=True):
-        slot = totals.setdefault(capsule or "(none)", [0, 0, 0, 0])
+    for path, size, capsule, n_samples, error, skipped in zip(*columns.values(), strict=True):
+        slot = totals.setdefault(capsule or "(none)", [0, 0, 0, 0, 0])
         slot[0] += 1
         slot[1] += size
         slot[2] += n_samples
         if error is not None:
             slot[3] += 1
             errors.append(f"{path}: {error}")
+        else:
+            slot[4] += skipped or 0
     table = Table(title=f"{manifest.root}: {len(manifest)} files")
-    for name in ("capsule", "files", "bytes", "samples", "errors"):
+    shown = ("capsule", "files", "bytes", "samples", "errors")
+    any_skipped = any(slot[4] for slot in totals.values())
+    for name in shown + (("skipped lines",) if any_skipped else ()):
         table.add_column(name, justify="left" if name == "capsule" else "right")
-    for name, (files, size, samples, n_errors) in totals.items():
-        table.add_row(name, f"{files:,}", decimal(size), f"{samples:,}", f"{n_errors:,}")
+    for name, (files, size, samples, n_errors, skipped) in totals.items():
+        row = [name, f"{files:,}", decimal(size), f"{samples:,}", f"{n_errors:,}"]
+        table.add_row(*row, *([f"{skipped:,}"] if any_skipped else []))
     console.print(table)
     for line in errors[:ERRORS_SHOWN]:
         console.print(f"  [red]error[/red] {escape(line)}", highlight=False, soft_wrap=True)
     if len(errors) > ERRORS_SHOWN:
         console.print(f"  ... and {len(errors) - ERRORS_SHOWN} more (the `error` column of the manifest)")
+    if any_skipped:
+        console.print("  skipped lines: lines of usable logs that do not parse (the `skipped_rows` column)")
 
 
 def crawl(cfg: DictConfig) -> Manifest:

@@ -47,6 +47,7 @@ SAMPLE_LINES = 64  # ...at most this many of them
 TIME_NAMES = {"timestamp", "time", "datetime", "date"}
 TIME_UNITS = "s since 1970-01-01 UTC"
 TIME_TYPES = (pa.timestamp("ns"), pa.timestamp("ns", tz="UTC"))
+_NUMBER_START = frozenset("0123456789+-.nNiI ")  # what float() may accept: digits, nan, inf
 
 
 def epoch_seconds(text: str | None) -> float:
@@ -76,13 +77,15 @@ class _Layout:
     def read(cls, lines: LineRanges, skip_rows: int = 0) -> _Layout:
         if lines.size == 0:
             raise ReadError("empty file")
-        encoding = text_encoding(os.pread(lines.fd, SAMPLE_BYTES, 0), "CSV")
+        sample = os.pread(lines.fd, SAMPLE_BYTES, 0)
+        encoding = text_encoding(sample, "CSV")
         header_start = 0
         for skipped in range(skip_rows):  # lines above the header (a station line)
             header_start = lines.newline_at_or_after(header_start) + 1
             if header_start >= lines.size:
                 raise ReadError(f"csv.skip_rows={skip_rows}: the file has only {skipped + 1} lines")
-        sample = os.pread(lines.fd, SAMPLE_BYTES, header_start)
+        if header_start:
+            sample = os.pread(lines.fd, SAMPLE_BYTES, header_start)
         newline = sample.find(b"\n")
         if newline < 0 and lines.size - header_start > len(sample):
             raise ReadError(f"not a CSV: no line end in the first {SAMPLE_BYTES} bytes")
@@ -108,10 +111,12 @@ def _check_header(names: tuple[str, ...], rows: list[list[str]], header: str, sk
     """Refuse a "header" that is a line of data: mostly numbers, or some numbers and a field
     count that the lines below it do not have (TMY3's station line above the real header)."""
     filled = [n for n in names if n]
-    numbers = sum(map(_is_number, filled))
+    numbers = sum(1 for n in filled if n[0] in _NUMBER_START and _is_number(n))
+    if not numbers:  # the usual header: nothing more to check
+        return
     widths = Counter(len(r) for r in rows if any(f.strip() for f in r))
     other_width = bool(widths) and widths.most_common(1)[0][0] != len(names)
-    if numbers and (2 * numbers >= len(filled) or other_width):
+    if 2 * numbers >= len(filled) or other_width:
         shown = header if len(header) <= 80 else header[:77] + "..."
         raise ReadError(f"the header looks like data: set csv.skip_rows to the lines above the header "
                         f"(line {skip_rows + 1}: {shown!r})")

@@ -27,7 +27,7 @@ import gzip
 import os
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -62,6 +62,7 @@ SAMPLE_LINES = 64  # ...at most this many non-blank ones
 BLOCK_BYTES = 8 << 20  # bytes parsed per vectorised step
 TIMESTAMP = "timestamp"
 SEPARATORS = r"\s,;"  # between key=value tokens
+ZONE_RE = re.compile(r"(Z|[+-]\d{2}:?\d{2})$")
 ISO_TIMESTAMP = r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?)?(?:Z|[+-]\d{2}:?\d{2})?"
 # strptime directives -> the text they read, for finding a leading timestamp in key=value lines
 _DIRECTIVES = {"Y": r"\d{4}", "y": r"\d{2}", "m": r"\d{1,2}", "d": r"\d{1,2}", "H": r"\d{1,2}",
@@ -123,8 +124,8 @@ def _blank(lines: pa.Array) -> np.ndarray:
     return pc.fill_null(blank, True).to_numpy(zero_copy_only=False)
 
 
-def read_sample(fd: int, path: Path, size: int, compressed: bool) -> tuple[str, pa.Array]:
-    """The encoding and the first non-blank lines of a log (whole lines only)."""
+def read_head(fd: int, path: Path, size: int, compressed: bool) -> tuple[str, bytes]:
+    """The encoding and the whole lines of a log's first SAMPLE_BYTES (decompressed)."""
     if size == 0:
         raise ReadError("empty file")
     if compressed:
@@ -139,8 +140,13 @@ def read_sample(fd: int, path: Path, size: int, compressed: bool) -> tuple[str, 
     cut = len(head) if whole else head.rfind(b"\n") + 1
     if cut == 0:
         raise ReadError(f"not a text log: no line end in the first {SAMPLE_BYTES} bytes")
-    lines = _text_lines(head[:cut], encoding)
-    return encoding, lines.filter(pa.array(~_blank(lines)))[:SAMPLE_LINES]
+    return encoding, head[:cut]
+
+
+def sample_lines(head: bytes, encoding: str) -> pa.Array:
+    """The first SAMPLE_LINES non-blank lines of a log's head."""
+    lines = _text_lines(head, encoding)
+    return lines.filter(pa.array(~_blank(lines)))[:SAMPLE_LINES]
 
 
 def _seconds(strings: pa.Array, timestamp_format: str | None) -> np.ndarray:
@@ -154,7 +160,10 @@ def _seconds(strings: pa.Array, timestamp_format: str | None) -> np.ndarray:
         for i in retry:
             seconds[i] = _strptime_seconds(strings[int(i)].as_py(), timestamp_format)
         return seconds
-    for kind in (pa.timestamp("ns"), pa.timestamp("ns", tz="UTC")):
+    first = strings.drop_null()[:1].to_pylist()
+    zoned = bool(first) and ZONE_RE.search(first[0].strip()) is not None
+    naive, utc = pa.timestamp("ns"), pa.timestamp("ns", tz="UTC")
+    for kind in (utc, naive) if zoned else (naive, utc):  # a failed cast costs a whole column
         try:
             return column_to_numpy(pc.cast(strings, kind))
         except pa.ArrowInvalid:
@@ -209,17 +218,21 @@ class LineRule:
             return f"log.pattern {self.pattern!r}"
         return "key=value tokens " + ", ".join(f"{c}=" for c in self.key_patterns)
 
-    def parse(self, lines: pa.Array) -> tuple[dict[str, np.ndarray], int, int, str | None]:
-        """(columns of the records, records, lines skipped, the first skipped line) of some lines."""
+    def parse(self, lines: pa.Array, wanted: Collection[str] = ()) -> tuple[dict[str, np.ndarray], int, int, str | None]:
+        """(the `wanted` columns of the records, records, lines skipped, the first skipped
+        line) of some lines. Every field decides whether a line is a record; the timestamp,
+        which does not, is parsed only when wanted."""
         blank = _blank(lines)
-        strings = self._field_strings(lines)
+        found = pc.extract_regex(lines, self.pattern) if self.pattern is not None else None
         good = ~blank if self.fields else np.zeros(len(blank), dtype=bool)  # no field: no record
         values = {}
         for column in self.fields:
-            values[column], ok = parse_numbers(strings[column])
+            numbers, ok = parse_numbers(self._strings(lines, found, column))
             good &= ok
-        if self.has_timestamp:
-            values[TIMESTAMP] = _seconds(strings[TIMESTAMP], self.timestamp_format)
+            if column in wanted:
+                values[column] = numbers
+        if self.has_timestamp and TIMESTAMP in wanted:
+            values[TIMESTAMP] = _seconds(self._strings(lines, found, TIMESTAMP), self.timestamp_format)
         bad = ~blank & ~good
         n_good, n_bad = int(good.sum()), int(bad.sum())
         first_bad = lines[int(np.argmax(bad))].as_py() if n_bad else None
@@ -227,17 +240,12 @@ class LineRule:
             values = {c: v[good] for c, v in values.items()}
         return values, n_good, n_bad, first_bad
 
-    def _field_strings(self, lines: pa.Array) -> dict[str, pa.Array]:
-        if self.pattern is not None:
-            found = pc.extract_regex(lines, self.pattern)
-            out = {column: pc.struct_field(found, [group]) for column, group in self.fields.items()}
-            if self.has_timestamp:
-                out[TIMESTAMP] = pc.struct_field(found, [TIMESTAMP])
-            return out
-        patterns = {column: self.key_patterns[column] for column in self.fields}
-        if self.has_timestamp:
-            patterns[TIMESTAMP] = self.timestamp_pattern
-        return {column: pc.struct_field(pc.extract_regex(lines, p), [0]) for column, p in patterns.items()}
+    def _strings(self, lines: pa.Array, found: pa.StructArray | None, column: str) -> pa.Array:
+        """The text of one column in every line (null where the line lacks it)."""
+        if found is not None:
+            return pc.struct_field(found, [self.fields.get(column, column)])
+        pattern = self.timestamp_pattern if column == TIMESTAMP else self.key_patterns[column]
+        return pc.struct_field(pc.extract_regex(lines, pattern), [0])
 
 
 def _gzip_chunks(path: Path, block_bytes: int) -> Iterator[bytes]:
@@ -265,8 +273,8 @@ class LogHandle(TableHandle):
             self.compressed = os.pread(self._fh.fileno(), 2, 0) == GZIP_MAGIC
             self.extent = 1 if self.compressed else size
             self._lines = LineRanges(self._fh.fileno(), size)
-            self.encoding, sample = read_sample(self._fh.fileno(), path, size, self.compressed)
-            self.rule = LineRule(options, sample)
+            self.encoding, head = read_head(self._fh.fileno(), path, size, self.compressed)
+            self.rule = LineRule(options, sample_lines(head, self.encoding))
         except ReadError:
             self._fh.close()
             raise
@@ -286,10 +294,10 @@ class LogHandle(TableHandle):
         elif start <= 0 < stop:  # a stream: the range holding byte 0 reads it all
             yield from whole_line_blocks(_gzip_chunks(self.path, BLOCK_BYTES))
 
-    def _parsed(self, start: int, stop: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-        """(columns, records) per block of the range; counts the skipped lines."""
+    def _parsed(self, start: int, stop: int, wanted: Collection[str] = ()) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        """(the wanted columns, records) per block of the range; counts the skipped lines."""
         for block in self._blocks(start, stop):
-            values, n_good, n_bad, first_bad = self.rule.parse(_text_lines(block, self.encoding))
+            values, n_good, n_bad, first_bad = self.rule.parse(_text_lines(block, self.encoding), wanted)
             self.skipped_rows += n_bad
             if self.first_skipped is None:
                 self.first_skipped = first_bad
@@ -304,7 +312,7 @@ class LogHandle(TableHandle):
         missing = [c for c in columns if c not in self.columns]
         if missing:
             raise ReadError(f"missing columns {missing}")
-        for values, n in self._parsed(start, self.extent if stop is None else stop):
+        for values, n in self._parsed(start, self.extent if stop is None else stop, columns):
             for i in range(0, n, batch_rows):
                 yield {c: values[c][i : i + batch_rows] for c in columns}
 
@@ -342,16 +350,23 @@ class LogReader(Reader):
 
     def sample_fractions(self, path: Path, candidates: list[ReadOptions]) -> list[float]:
         """For each rule, the fraction of the file's first non-blank lines that parse with it
-        (how a log that no capsule's name matches finds its capsule by content)."""
+        (how a log that no capsule's name matches finds its capsule by content). A key=value
+        rule none of whose keys the first lines hold is 0 without parsing: most text files on
+        a drive are notes, and parsing costs more than the test."""
         path = Path(path)
         try:
             with open(path, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
-                _, sample = read_sample(fh.fileno(), path, size, os.pread(fh.fileno(), 2, 0) == GZIP_MAGIC)
+                encoding, head = read_head(fh.fileno(), path, size, os.pread(fh.fileno(), 2, 0) == GZIP_MAGIC)
         except OSError as exc:
             raise ReadError(f"cannot open: {one_line(exc)}") from None
-        fractions = []
+        lowered = head.decode(encoding, errors="replace").lower()
+        fractions, sample = [], None
         for options in candidates:
+            if options.log_pattern is None and not any(f"{key.lower()}=" in lowered for _, key in options.log_fields):
+                fractions.append(0.0)
+                continue
+            sample = sample_lines(head, encoding) if sample is None else sample
             _, n_good, n_bad, _ = LineRule(options, sample).parse(sample)
             fractions.append(n_good / max(1, n_good + n_bad))
         return fractions
