@@ -22,7 +22,8 @@ changed: the old weights, new statistics, a fresh optimiser) or `up to date` (sa
 steps done: only the export is redone).
 
 A capsule that fails gets one line in the summary and keeps its previous catalogue entry;
-the others go on. The exit status is 1 when any capsule failed.
+the others go on; the command then ends with one error line (exit status 1). The catalogue is
+locked for the whole run (`ebm_vae.locks`): a second build on the same outputs is refused.
 """
 
 from __future__ import annotations
@@ -33,19 +34,19 @@ import json
 import logging
 import re
 import shlex
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ebm_vae import __version__
+from ebm_vae.cli import App
 from ebm_vae.config import compose, config_dir, to_container
 from ebm_vae.data.extractors.base import StateInfo
+from ebm_vae.data.readers.base import one_line
 from ebm_vae.energy.landscape import (
     FILENAME,
     LandscapeEntry,
@@ -56,6 +57,7 @@ from ebm_vae.energy.landscape import (
     resolve_inside,
     write_catalogue,
 )
+from ebm_vae.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +219,7 @@ def choose_method(export_cfg: DictConfig, capsule):
         return choose_method(export_cfg, capsule)
     if method in ("vae", "histogram"):
         return Choice(method, f"export.method={method}")
-    raise ValueError(f"export.method must be 'vae', 'histogram' or 'auto', got '{method}'")
+    raise ConfigError(f"export.method must be 'vae', 'histogram' or 'auto', got '{method}'")
 
 
 def training_mode(ckpt: Path, stats, train_cfg: DictConfig, force: bool) -> tuple[str, str]:
@@ -390,12 +392,15 @@ def _export(export_cfg: DictConfig, capsule, counted, reason: str | None) -> Pat
     `reason` (export.method=auto's) goes into its metadata."""
     from ebm_vae.energy.methods import make_map
     from ebm_vae.energy.methods.common import MapRequest
-    from ebm_vae.export import export
+    from ebm_vae.export import export, map_path
+    from ebm_vae.locks import output_lock
 
-    energy_map = counted if counted is not None else make_map(MapRequest(export_cfg, capsule))
-    if reason is not None:
-        energy_map.metadata["method_reason"] = reason
-    return export(export_cfg, energy_map)
+    with output_lock(map_path(export_cfg), f"ebm-vae-build: the map of {capsule.name}"), \
+            output_lock(export_cfg.paths.index, f"ebm-vae-build: the map of {capsule.name}", shared=True):
+        energy_map = counted if counted is not None else make_map(MapRequest(export_cfg, capsule))
+        if reason is not None:
+            energy_map.metadata["method_reason"] = reason
+        return export(export_cfg, energy_map)
 
 
 def _train_fingerprint(train_cfg: DictConfig) -> str:
@@ -427,10 +432,10 @@ def _check_outputs(cfg: DictConfig) -> None:
         try:
             relative_path(Path(cfg.paths[key]).expanduser(), root)
         except ValueError:
-            raise ValueError(f"paths.{key}={cfg.paths[key]} lies outside paths.root={cfg.paths.root}: "
+            raise ConfigError(f"paths.{key}={cfg.paths[key]} lies outside paths.root={cfg.paths.root}: "
                              "the landscape catalogue only names files under its root") from None
     if cfg.export.get("out"):
-        raise ValueError("export.out does not apply to ebm-vae-build: every map goes to "
+        raise ConfigError("export.out does not apply to ebm-vae-build: every map goes to "
                          "${paths.energy_maps}/<capsule>.npz")
 
 
@@ -450,29 +455,22 @@ def build(cfg: DictConfig, overrides: Sequence[str] = ()) -> BuildReport:
     `overrides` are the command line's (train and export ones are applied to each capsule's
     configs after its preset, as the per-stage commands apply them).
     """
-    from filelock import FileLock, Timeout
-
     from ebm_vae.capsules import visible_capsules
     from ebm_vae.crawl.crawl import crawl
+    from ebm_vae.locks import output_lock
 
     if not cfg.data.root:
-        raise ValueError("data.root is not set: ebm-vae-build data.root=DIR")
+        raise ConfigError("data.root is not set: ebm-vae-build data.root=DIR")
     _check_outputs(cfg)
     started = time.perf_counter()
     builder = _Builder(cfg, overrides)
-    builder.maps_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(builder.maps_dir / f".{FILENAME}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise RuntimeError(f"another ebm-vae-build is writing {builder.maps_dir} (lock {lock.lock_file}); "
-                           "wait for it to finish, or set another paths.root") from None
-    try:
+    with output_lock(builder.maps_dir / FILENAME, "ebm-vae-build", wait=False,
+                     advice="another ebm-vae-build is writing this landscape: wait for it, or set another paths.root"):
         capsules = dict(sorted(visible_capsules(cfg.capsule_search_path).items()))
         wanted = list(cfg.build.capsules) if cfg.build.capsules is not None else None
         unknown = sorted(set(wanted or ()) - set(capsules))
         if unknown:
-            raise ValueError(f"build.capsules: unknown capsule(s) {unknown}; known: {sorted(capsules)}")
+            raise ConfigError(f"build.capsules: unknown capsule(s) {unknown}; known: {sorted(capsules)}")
         crawl_cfg = copy.deepcopy(cfg)
         crawl_cfg.crawl.stats = False  # the statistics are this command's next stage, per capsule
         t0 = time.perf_counter()
@@ -491,8 +489,6 @@ def build(cfg: DictConfig, overrides: Sequence[str] = ()) -> BuildReport:
                 row, entry = builder.capsule(manifest, capsule, entries.get(name))
                 entries[name] = entry
             except Exception as exc:  # one capsule's failure never stops the others
-                from ebm_vae.data.readers.base import one_line
-
                 log.error("%s: failed: %s", name, one_line(exc))
                 row = CapsuleRow(name, "failed", reason=f"{type(exc).__name__}: {one_line(exc)}")
             rows.append(row)
@@ -500,8 +496,6 @@ def build(cfg: DictConfig, overrides: Sequence[str] = ()) -> BuildReport:
         for name in sorted(set(entries) - {r.capsule for r in rows}):
             rows.append(_kept(CapsuleRow(name, ""), entries[name], "kept (not built in this run)"))
         landscape = write_catalogue(builder.maps_dir, builder.root, entries, str(manifest.root))
-    finally:
-        lock.release()
     builder.stages["total"] = time.perf_counter() - started
     return BuildReport(rows, builder.stages, landscape)
 
@@ -530,18 +524,37 @@ def print_summary(report: BuildReport) -> None:
                   "(configs, imports, catalogue)", highlight=False)
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="build")
-def main(cfg: DictConfig) -> None:
+def _build_and_report(cfg: DictConfig) -> None:
+    """The console script's task: build, print the summary, fail (exit 1) when a capsule failed."""
     from hydra.core.hydra_config import HydraConfig
 
-    from ebm_vae.capsules import hydra_search_path
-
-    with open_dict(cfg):  # --config-dir DIR brings DIR/capsule/*.yaml (and DIR/preset/*.yaml)
-        cfg.capsule_search_path = list(dict.fromkeys([*cfg.capsule_search_path, *hydra_search_path()]))
     report = build(cfg, list(HydraConfig.get().overrides.task))
     print_summary(report)
     if report.failed:
-        sys.exit(1)
+        names = ", ".join(r.capsule for r in report.failed)
+        raise UserError(f"{len(report.failed)} of {len(report.rows)} capsules failed ({names}; the reasons are "
+                        "above); the others are built and catalogued")
+
+
+main = App(
+    name="ebm-vae-build", config_name="build", task=_build_and_report,
+    summary="the whole pipeline in one run: crawl, then for every capsule with usable files its "
+            "statistics, method (auto), training where the method needs a model, its energy map, "
+            "and the catalogue energy_maps/landscape.json (incremental: unchanged capsules are not redone)",
+    usage=("data.root=DIR [paths.root=DIR] [--config-dir MYCONF] [KEY=VALUE ...]",
+           "data.root=DIR trainer.max_steps=2000 export.resolution=256   # any train or export override"),
+    choices=("capsule", "preset", "trainer", "model", "experiment"),
+    choices_title="Capsules it builds (every one with usable files, built-in and --config-dir), and choices:",
+    overrides=(
+        ("data.root=DIR", "the data tree (never written to)"),
+        ("paths.root=DIR", "where index/, checkpoints/, energy_maps/ and logs/ go (default: the current folder)"),
+        ("build.capsules=[a,b]", "only these capsules (default: every capsule with usable files)"),
+        ("build.force=true", "retrain from scratch and re-export, even what is up to date"),
+        ("export.method=auto|vae|histogram", "how maps are made (default auto: the histogram where "
+                                             "counting resolves it, the VAE elsewhere)"),
+        ("trainer.max_steps=N", "training steps per capsule (after its preset)"),
+    ),
+).main
 
 
 if __name__ == "__main__":

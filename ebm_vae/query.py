@@ -33,11 +33,13 @@ import pyarrow as pa
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ebm_vae.cli import message_of
 from ebm_vae.config import PathsConfig, QueryConfig, config_dir
 from ebm_vae.data.readers.base import one_line
-from ebm_vae.energy.landscape import EnergyLandscape, LandscapeError
-from ebm_vae.energy.states import StatesError
+from ebm_vae.energy.landscape import EnergyLandscape
+from ebm_vae.errors import UserError, is_user_error
 from ebm_vae.io import atomic_path
+from ebm_vae.usage import ArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".npy": "npy"
 CSV_BLOCK_BYTES = 2**20
 
 
-class QueryError(ValueError):
+class QueryError(UserError, ValueError):
     """A query that cannot run; the message is one line naming the file and the problem."""
 
 
@@ -316,7 +318,8 @@ def load_config(argv: Sequence[str]):
     """The query config: QueryConfig's types, conf/query.yaml's defaults, then `key=value` args."""
     bad = [a for a in argv if "=" not in a or a.startswith(("-", "+", "~"))]
     if bad:
-        raise QueryError(f"expected key=value arguments, got '{bad[0]}'")
+        raise ArgumentError(f"'{bad[0]}' is not a setting: settings are KEY=VALUE, e.g. "
+                            "capsule=grid input=states.csv output=energies.csv (see ebm-vae-query --help)")
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(QueryConfig), OmegaConf.load(config_dir() / "query.yaml"),
                               OmegaConf.from_dotlist([_literal(a) for a in argv]))
@@ -340,16 +343,24 @@ def _literal(arg: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: 0 when done, 1 on an error (one line), 2 on a command line that is not KEY=VALUE."""
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)
         return 0
+    debug = "--debug" in args  # a traceback instead of the one line, as for the other scripts
+    args = [a for a in args if a != "--debug"]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = query(load_config(args))
-    except (QueryError, LandscapeError, StatesError, FileNotFoundError) as exc:
-        print(f"ebm-vae-query: error: {one_line(exc)}", file=sys.stderr)
+    except ArgumentError as exc:
+        print(f"ebm-vae-query: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if debug or not is_user_error(exc):
+            raise
+        print(f"ebm-vae-query: error: {message_of(exc)}", file=sys.stderr)
+        return 1
     print(f"{report.output}: {report.rows:,} rows, energies from the {report.source}, "
           f"in {report.seconds:.1f} s")
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,8 @@ from ebm_vae import EnergyLandscape, demo
 from ebm_vae.build import build, split_overrides, training_mode
 from ebm_vae.config import compose
 from ebm_vae.data.stats import Stats
+from ebm_vae.errors import ConfigError
+from ebm_vae.locks import LockedError
 
 SETTINGS = ["debug=fast", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
             "export.resolution=8", "export.k=2", "export.progress=false", "crawl.progress=false",
@@ -79,8 +83,8 @@ def test_the_catalogue_describes_every_map(first, tree):
     assert [(a["name"], a["unit"]) for a in grid["axes"]] == [("frequency", "Hz"), ("phase_angle", "rad")]
     assert grid["data"]["files"] == 1 and grid["data"]["samples"] == 20_000 and grid["data"]["bytes"] > 0
     assert 0 <= grid["quality"]["empty_fraction"] < 1
-    assert shots["checkpoint"] == "checkpoints/shots/last.ckpt" and shots["quantity"] == "slice"
-    assert "cannot be counted" in shots["method_reason"]
+    assert shots["checkpoint"] == "checkpoints/shots/last.ckpt" and shots["quantity"] == "marginal"
+    assert "counting does not resolve the map (392 states counted in 2-D" in shots["method_reason"]
     assert [a["unit"] for a in shots["axes"]] == ["MA", "1e19 m^-3"]
     assert shots["quality"]["val/iwae"] is not None and shots["training"]["mode"] == "fresh"
     assert shots["data"]["samples"] == 400 - shots["data"]["skipped_rows"] == 392  # 2 % malformed lines
@@ -132,12 +136,26 @@ def test_training_modes_from_the_checkpoint(first, tree):
     assert training_mode(ckpt.with_name("none.ckpt"), stats, cfg, force=False)[0] == "fresh"
 
 
-def test_a_second_build_on_the_same_outputs_is_refused(first, tree):
-    from filelock import FileLock
+HOLD_LOCK = """
+import sys, time
+from ebm_vae.locks import output_lock
+with output_lock(sys.argv[1], "a test holding the catalogue"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
 
-    with FileLock(str(tree["out"] / "energy_maps" / ".landscape.json.lock")), \
-            pytest.raises(RuntimeError, match="another ebm-vae-build is writing"):
-        run_build(tree)
+
+def test_a_second_build_on_the_same_outputs_is_refused(first, tree):
+    """Another process holds the catalogue (as a running build does): this one refuses at once."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tree["out"] / "energy_maps" / "landscape.json")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError, match="another ebm-vae-build is writing this landscape"):
+            run_build(tree)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_overrides_reach_the_stage_they_belong_to():
@@ -155,7 +173,7 @@ def test_overrides_reach_the_stage_they_belong_to():
 ])
 def test_bad_settings_fail_at_start(tree, tmp_path, override, message):
     overrides = [f"data.root={tree['data']}", f"paths.root={tmp_path}", *SETTINGS, override]
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         build(compose("build", overrides, extra_dirs=[tree["config"]]), overrides)
 
 
@@ -183,3 +201,26 @@ def test_the_seeds_scale_27_user_capsules_in_one_run(tmp_path):
         states = np.zeros((1, entry.state_info.dim)) + Stats.load(tree["out"] / "index" / name / "stats.json").mean
         assert np.isfinite(land.energy(name, states, k=2).energy).all(), name
     assert all(r.status == "unchanged" for r in run_build(tree).rows if r.capsule.startswith("probe"))
+
+
+def test_the_console_script_says_what_failed_in_one_line_and_exits_1(tree, tmp_path, capsys):
+    """`ebm-vae-build` through the shared wrapper: the summary, then one error line, exit 1."""
+    from ebm_vae.build import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config-dir", str(tree["config"]), f"data.root={tree['data']}", f"paths.root={tmp_path}",
+              "build.capsules=[broken]", *SETTINGS])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 1
+    assert "broken" in out and "failed" in out  # the summary row
+    assert err.strip().splitlines()[-1] == ("ebm-vae-build: error: 1 of 1 capsules failed (broken; the reasons "
+                                            "are above); the others are built and catalogued")
+
+
+def test_help_lists_the_users_capsules(tree, capsys):
+    from ebm_vae.build import main
+
+    main(["--help", "--config-dir", str(tree["config"])])
+    out = capsys.readouterr().out
+    assert out.startswith("ebm-vae-build: the whole pipeline in one run")
+    assert "shots" in out and "build.capsules=[a,b]" in out

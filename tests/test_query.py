@@ -152,11 +152,16 @@ def test_bad_inputs_fail_with_one_line_and_leave_no_output(root, tmp_path, capsy
     args = ["capsule=toy", f"input={source}", f"output={target}", *extra]
     if any(a.startswith("capsule=") for a in extra):
         args.remove("capsule=toy")
-    assert run(root, *args) == 2
+    assert run(root, *args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("ebm-vae-query: error: "), err
     assert re.search(message, err), err
     assert not target.exists() and not list(tmp_path.rglob(".energies.csv.*"))
+
+
+def test_a_command_line_that_is_not_settings_is_bad_usage(root, capsys):
+    assert run(root, "capsule=toy", "states.csv") == 2
+    assert "'states.csv' is not a setting: settings are KEY=VALUE" in capsys.readouterr().err
 
 
 def test_text_arguments_stay_text(tmp_path):
@@ -173,7 +178,7 @@ def test_a_tampered_catalogue_is_a_one_line_error(root, tmp_path, capsys):
     data["capsules"]["toy"]["checkpoint"] = "/etc/passwd"
     path.write_text(json.dumps(data))
     pa_csv.write_csv(states_table(3), tmp_path / "s.csv")
-    assert run(tmp_path / "land", "capsule=toy", f"input={tmp_path / 's.csv'}", f"output={tmp_path / 'o.csv'}") == 2
+    assert run(tmp_path / "land", "capsule=toy", f"input={tmp_path / 's.csv'}", f"output={tmp_path / 'o.csv'}") == 1
     assert "'toy'.checkpoint: path '/etc/passwd' must be relative" in capsys.readouterr().err
 
 

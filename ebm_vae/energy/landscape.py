@@ -36,6 +36,7 @@ from ebm_vae import __version__
 from ebm_vae.data.extractors.base import StateInfo
 from ebm_vae.energy.mapfile import EnergyMap, json_safe
 from ebm_vae.energy.states import StateBatch, StatesError, as_array, validated_states
+from ebm_vae.errors import UserError
 from ebm_vae.io import atomic_write_text
 
 FILENAME = "landscape.json"
@@ -45,7 +46,7 @@ MAX_BYTES = 64 * 2**20  # a catalogue of thousands of capsules is a few MB; refu
 MAP_CHUNK_ROWS = 1 << 18  # states per interpolation chunk (bounded temporaries for any N)
 
 
-class LandscapeError(ValueError):
+class LandscapeError(UserError, ValueError):
     """A landscape that cannot be used, or a capsule it lacks; the message is one line."""
 
 

@@ -22,8 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from ebm_vae.errors import UserError
 
-class StatesError(ValueError):
+
+class StatesError(UserError, ValueError):
     """States of the wrong shape or dtype; the message is one line naming what was expected."""
 
 
