@@ -15,7 +15,11 @@ def __getattr__(name: str):
         from ebm_vae.energy.model import EnergyModel
 
         return EnergyModel
+    if name == "EnergyLandscape":
+        from ebm_vae.energy.landscape import EnergyLandscape
+
+        return EnergyLandscape
     raise AttributeError(name)
 
 
-__all__ = ["EnergyMap", "EnergyModel", "__version__"]
+__all__ = ["EnergyLandscape", "EnergyMap", "EnergyModel", "__version__"]

@@ -102,6 +102,30 @@ class ExportConfig:
 
 
 @dataclass
+class BuildConfig:
+    """`ebm-vae-build`: which capsules, and whether to redo what is up to date."""
+
+    capsules: list[str] | None = None  # only these (default: every capsule with usable files)
+    force: bool = False  # retrain from scratch and re-export, even capsules that are up to date
+
+
+@dataclass
+class QueryConfig:
+    """`ebm-vae-query capsule=NAME input=FILE output=FILE` (not a Hydra app: see ebm_vae/query.py)."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    capsule: str = MISSING
+    input: str = MISSING  # .csv, .parquet or .npy
+    output: str = MISSING  # .csv, .parquet or .npy (format from the extension)
+    source: str = "auto"  # auto | model | map (see EnergyLandscape.energy)
+    k: int = 64  # importance samples of the model's bound (1 = negative ELBO)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    chunk_rows: int = 65536  # rows read, evaluated and written at a time (bounds memory)
+    progress: bool = True
+
+
+@dataclass
 class MatchConfig:
     name: list[str] = field(default_factory=list)  # fnmatch patterns, case-insensitive
     attrs: dict[str, str] = field(default_factory=dict)  # global attributes / key-value metadata
@@ -144,6 +168,7 @@ _store.store(group="paths", name="paths_schema", node=PathsConfig)
 _store.store(group="data", name="data_schema", node=DataConfig)
 _store.store(group="crawl", name="crawl_schema", node=CrawlConfig)
 _store.store(group="export", name="export_schema", node=ExportConfig)
+_store.store(group="build", name="build_schema", node=BuildConfig)
 
 
 def to_container(cfg: Any) -> Any:

@@ -29,12 +29,17 @@ from ebm_vae.energy.plot import plot_map
 log = logging.getLogger(__name__)
 
 
-def export(cfg: DictConfig) -> Path:
-    """Write the energy map of `cfg.capsule` (and its PNG); return the `.npz` path."""
+def export(cfg: DictConfig, energy_map: EnergyMap | None = None) -> Path:
+    """Write the energy map of `cfg.capsule` (and its PNG); return the `.npz` path.
+
+    `energy_map`: a map made already, to write as this export would (`ebm-vae-build` counts
+    the histogram while choosing the method, and does not count it twice).
+    """
     capsule = parse_capsule(cfg.capsule, source="capsule")
     ex = cfg.export
     out = map_path(cfg)
-    energy_map = make_map(MapRequest(cfg, capsule))
+    if energy_map is None:
+        energy_map = make_map(MapRequest(cfg, capsule))
     _say_if_replacing(out)
     energy_map.save(out)
     log.info("wrote %s", out)

@@ -2,6 +2,7 @@
 
     ebm-vae-train capsule=NAME data.root=DIR [trainer=gpu] [trainer.max_steps=N] [ckpt_path=last]
     ebm-vae-train -m capsule=fusion,wafer,grid data.root=DIR      # one run per capsule
+    ebm-vae-train capsule=NAME init_from=PATH                     # fine-tune: weights only
 
 Outputs: checkpoints/<capsule>/{last,epoch_NNN}.ckpt and logs/tensorboard/<capsule>/ (one
 directory per capsule, so a resumed run continues its curves).
@@ -21,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ebm_vae.cli import App
+from ebm_vae.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,23 @@ def data_provenance(datamodule: Any) -> dict[str, Any]:
     files = [{k: v for k, v in f.items() if k != "blocks"} for f in stats.files]
     return {"count": stats.count, "created": stats.created, "files": files, "split": datamodule.split,
             "field_rank": stats.field_rank}
+
+
+def warm_start(model, path: str | Path) -> None:
+    """Fine-tuning: take the weights of the checkpoint's VAE where names and shapes match.
+
+    The model keeps its own normalisation (the new statistics) and gets a fresh optimiser and
+    step count, unlike `ckpt_path` (a resume, which restores all of them).
+    """
+    from ebm_vae.energy.model import load_vae
+
+    own = dict(model.named_parameters())
+    taken = {name: weights for name, weights in load_vae(path, "cpu").named_parameters()
+             if name in own and own[name].shape == weights.shape}
+    if not taken:
+        raise ConfigError(f"init_from={path}: none of its weights fit this model (other state or widths)")
+    model.load_state_dict(taken, strict=False)
+    log.info("fine-tuning from %s (%d of %d weight tensors)", path, len(taken), len(own))
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -56,6 +75,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = instantiate(cfg.model, _convert_="all", state=stats.state, capsule=dataclasses.asdict(capsule),
                         stats_meta=data_provenance(datamodule))
     model.set_normalization(stats)
+    if cfg.get("init_from"):
+        warm_start(model, cfg.init_from)
     log.info("model: %s (%s, latent %d, %d parameters)", cfg.model._target_, model.hparams.arch,
              model.hparams.latent_dim, sum(p.numel() for p in model.parameters()))
     data_summary = DataSummary()

@@ -1,9 +1,9 @@
 """Benchmarks: `python scripts/bench.py SECTION [--json] [--gpu] [--quick]`.
 
-SECTION is one of crawl, stream, train, export, study, accuracy, scaling, fields, all. Each prints its figures
+SECTION is one of crawl, stream, train, export, study, accuracy, scaling, fields, build, all. Each prints its figures
 beside a baseline measured in the same run, with their ratio; `--json` prints one JSON object
 keyed by section, then by format or case (see DESIGN.md, "Benchmark JSON"). `all` (every
-section but the long accuracy and scaling runs) ends with a one-screen summary: each figure, its baseline and their ratio,
+section but the long accuracy, scaling and build runs) ends with a one-screen summary: each figure, its baseline and their ratio,
 with the date, the machine and its load (also under the JSON's "summary" key; the table goes
 to stderr with --json, so that stdout stays one JSON object).
 """
@@ -19,7 +19,7 @@ import platform
 import sys
 from typing import Any
 
-SECTIONS = ["crawl", "stream", "train", "export", "study", "accuracy", "scaling", "fields"]
+SECTIONS = ["crawl", "stream", "train", "export", "study", "accuracy", "scaling", "fields", "build"]
 
 # (figure, baseline) keys of the entries, in the order they are looked for
 PAIRS = [
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="fields: also score an earlier checkout's model on the same data")
     args = parser.parse_args(argv)
 
-    sections = [s for s in SECTIONS if s not in ("scaling", "accuracy")] if args.section == "all" else [args.section]
+    sections = [s for s in SECTIONS if s not in ("scaling", "accuracy", "build")] if args.section == "all" else [args.section]
     start = machine()
     results = {}
     for name in sections:

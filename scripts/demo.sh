@@ -1,26 +1,22 @@
 #!/usr/bin/env bash
-# The main job, end to end on generated demo data: set up .venv, generate a demo tree, crawl it,
-# train every built-in capsule briefly, export every energy map with its picture.
+# The main job, end to end on generated demo data: set up .venv, generate a demo tree (and the
+# user capsule `shots` in demo_config/), then one ebm-vae-build run: crawl, statistics, method,
+# brief training where the method needs a model, every energy map with its picture, and the
+# catalogue energy_maps/landscape.json.
 # Outputs go under the repository (checkpoints/, energy_maps/, index/, logs/); data under demo_data/.
-# DEMO_SCALE (default 1) scales the demo data; extra arguments go to every ebm-vae-train run.
+# DEMO_SCALE (default 1) scales the demo data; extra arguments go to ebm-vae-build (any train or
+# export override, e.g. trainer.max_steps=50).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 DATA=demo_data
+CONF=demo_config
 start=$(date +%s)
 
-echo "== 1/4 demo data -> $DATA/"
-python scripts/make_demo_data.py "$DATA" --scale "${DEMO_SCALE:-1}"
+echo "== 1/2 demo data -> $DATA/ (user capsule: $CONF/capsule/shots.yaml)"
+python scripts/make_demo_data.py "$DATA" --scale "${DEMO_SCALE:-1}" --config-dir "$CONF"
 
-echo "== 2/4 crawl (index + statistics)"
-ebm-vae-crawl data.root="$DATA"
-
-echo "== 3/4 train every built-in capsule (one Hydra run each)"
-ebm-vae-train -m capsule=fusion,wafer,grid data.root="$DATA" experiment=demo "$@"
-
-echo "== 4/4 export energy maps"
-for capsule in fusion wafer grid; do
-    ebm-vae-export capsule="$capsule"
-done
+echo "== 2/2 build every capsule (crawl, statistics, method, training, export, landscape.json)"
+ebm-vae-build --config-dir "$CONF" data.root="$DATA" experiment=demo "$@"
 
 cat <<TXT
 

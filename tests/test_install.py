@@ -34,8 +34,24 @@ def test_wheel_carries_every_module_config_and_script(wheel):
     assert configs - names == set()
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    for script in ("ebm-vae-crawl", "ebm-vae-train", "ebm-vae-export"):
+    for script in ("ebm-vae-crawl", "ebm-vae-train", "ebm-vae-export", "ebm-vae-build", "ebm-vae-query"):
         assert script in text
+
+
+def test_installed_query_reads_its_packaged_defaults(wheel, tmp_path):
+    """ebm-vae-query is no Hydra app: it finds conf/query.yaml inside the installed package."""
+    from landscapes import make_landscape
+
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    make_landscape(tmp_path / "land")
+    (tmp_path / "points.csv").write_text("a,b\n0.5,1.0\n")
+    program = ("import sys; from ebm_vae.query import main;"
+               f"sys.exit(main(['paths.root={tmp_path / 'land'}', 'capsule=counts', 'input=points.csv', 'output=e.csv']))")
+    run = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "e.csv").read_text().splitlines()[0] == '"a","b","energy"'
 
 
 def test_installed_crawl_runs_outside_the_checkout(wheel, tmp_path):

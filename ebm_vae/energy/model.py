@@ -30,6 +30,7 @@ from ebm_vae.energy.evaluate import (
     estimate_energy,
     resolve_device,
 )
+from ebm_vae.energy.states import validated_states
 
 
 class CheckpointError(ValueError):
@@ -109,16 +110,14 @@ class EnergyModel:
     def estimate(self, states: Any, k: int = 64, seed: int = 0, chunk_points: int | None = None,
                  progress: bool = False, max_k: int | None = MAX_K,
                  target_stderr: float = TARGET_STDERR) -> EnergyEstimate:
-        """The energies of `states` with their uncertainty, standard error, spread and k used."""
-        if isinstance(states, torch.Tensor):
-            states = states.detach().cpu().numpy()
-        states = np.asarray(states, dtype=np.float64)
-        dim = self.vae.state_info.dim
-        if (states.ndim == 2 and states.shape[1] == dim) or states.shape[1:] == self.state_shape:
-            flat = states.reshape(len(states), dim)
-        else:
-            raise ValueError(f"states must have shape (N, {dim}) or (N, {', '.join(map(str, self.state_shape))})"
-                             f" for capsule '{self.capsule}', got {states.shape}")
-        return estimate_energy(self.vae, lambda start, stop: flat[start:stop], len(flat), k=k, seed=seed,
-                               device=self.device, chunk_points=chunk_points, progress=progress,
-                               max_k=max_k, target_stderr=target_stderr)
+        """The energies of `states` with their uncertainty, standard error, spread and k used.
+
+        Bad states (wrong shape or dtype, NaN/Inf) behave as `ebm_vae.energy.states` says.
+        """
+        batch = validated_states(states, self.state_shape, f"capsule '{self.capsule}'",
+                                 fill=self.vae.norm_mean.cpu().numpy(), names=self.state_names)
+        estimate = estimate_energy(self.vae, batch.chunk, len(batch), k=k, seed=seed, device=self.device,
+                                   chunk_points=chunk_points, progress=progress, max_k=max_k,
+                                   target_stderr=target_stderr)
+        batch.finish(estimate.energy, estimate.std, estimate.stderr, estimate.spread)
+        return estimate
