@@ -358,8 +358,10 @@ class _Builder:
             samples = int(report.get("n_total", stats.count))
             quality = {"empty_fraction": report["empty_bins"] / report["bins"]} if report.get("bins") else {}
             quality["n_outside_grid"] = report.get("n_outside_grid")
+            val_samples = None  # counting reads every sample: there is no validation split
         else:
             samples = int(meta.get("training_samples") or stats.count)
+            val_samples = meta.get("validation_samples")
         state = stats.state
         # maps made before metadata.quantity existed: a histogram counts the marginal; a model's
         # map is the joint energy on a slice, which is the marginal only when it spans the state
@@ -374,7 +376,7 @@ class _Builder:
             axes=[{k: a.get(k) for k in ("name", "unit", "limits", "points")} for a in meta.get("axes", [])],
             state=state,
             data={"files": len(files), "bytes": int(sum(f.get("size", 0) for f in files)), "samples": samples,
-                  "skipped_files": len(meta.get("skipped_files", []))},
+                  "validation_samples": val_samples, "skipped_files": len(meta.get("skipped_files", []))},
             created=meta.get("created", ""), command=self.capsules.command(name, ckpt is not None, method),
             quality=quality, training=training, fingerprint=fp,
             outputs={"map": _file_identity(out), "checkpoint": _file_identity(ckpt) if ckpt else None},

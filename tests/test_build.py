@@ -87,7 +87,9 @@ def test_the_catalogue_describes_every_map(first, tree):
     assert "counting does not resolve the map (392 states counted in 2-D" in shots["method_reason"]
     assert [a["unit"] for a in shots["axes"]] == ["MA", "1e19 m^-3"]
     assert shots["quality"]["val/iwae"] is not None and shots["training"]["mode"] == "fresh"
-    assert shots["data"]["samples"] == 400 - shots["data"]["skipped_rows"] == 392  # 2 % malformed lines
+    data = shots["data"]  # 2 % malformed lines; a tenth of every file held out for validation
+    assert data["samples"] + data["validation_samples"] == 400 - data["skipped_rows"] == 392
+    assert 0 < data["validation_samples"] < 0.2 * 392 and grid["data"]["validation_samples"] is None
     assert shots["command"].startswith(f"ebm-vae-train --config-dir {tree['config']} capsule=shots")
     assert "&& ebm-vae-export" in shots["command"] and "export.method=vae" in shots["command"]
     assert shots["created"] and set(shots["fingerprint"]) == {"data", "settings", "train", "export"}

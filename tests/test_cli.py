@@ -36,22 +36,6 @@ units: [rad, rad/s]
 """
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """Hydra configures the root logger for each run; give the next test the logging it had."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
-
-
 @pytest.fixture
 def myconf(tmp_path) -> Path:
     conf = tmp_path / "MYCONF"

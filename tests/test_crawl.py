@@ -113,7 +113,7 @@ def test_manifest_schema_and_paths(demo_crawl):
     assert again.root == (base / "data").resolve() and again.table.equals(manifest.table)
     field = next(v for v in _rows(again)["campaigns/2024/mhd/MHD_8_run01.h5"].variables
                  if v.name == "t1_fields/magnetic_field")
-    assert field.shape == (2, 2, 8, 8, 8, 3) and field.dtype == "float32"
+    assert field.shape == (2, 4, 8, 8, 4, 3) and field.dtype == "float32"
 
 
 # --------------------------------------------------------------------------- the scan

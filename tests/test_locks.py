@@ -188,7 +188,7 @@ def test_two_crawls_of_one_index_take_turns(tmp_path):
     manifest = read_manifest(out / "index")
     assert len(manifest) == 40 and len(manifest.usable("grid")) == 40
     assert sorted(p.name for p in (out / "index").iterdir()) == ["grid", "manifest.parquet"]
-    assert sorted(p.name for p in out.iterdir()) == ["index"]  # no lock or temporary left
+    assert sorted(p.name for p in out.iterdir()) == ["cache", "index"]  # no lock or temporary left
 
 
 def test_training_reads_the_index_after_a_running_crawl(tmp_path, caplog):

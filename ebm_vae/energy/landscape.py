@@ -116,8 +116,8 @@ def _entry_from_json(name: str, raw: Any, where: str) -> LandscapeEntry:
                 and isinstance(axis.get("unit", ""), str)):
             raise LandscapeError(f"{where}: entry '{name}'.axes[{i}] must be an object with a string 'name'")
     for key, value in raw["data"].items():
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise LandscapeError(f"{where}: entry '{name}'.data.{key} must be an integer")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise LandscapeError(f"{where}: entry '{name}'.data.{key} must be an integer or null")
     for key, value in raw["quality"].items():
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
             raise LandscapeError(f"{where}: entry '{name}'.quality.{key} must be a number or null")

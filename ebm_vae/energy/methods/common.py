@@ -148,6 +148,17 @@ def map_metadata(capsule: CapsuleConfig, grid: StateGrid, *, method: str, k: int
     }
 
 
+def training_data(stats_meta: dict[str, Any]) -> dict[str, Any]:
+    """What a learned map was trained on, from its checkpoint: the train and validation samples
+    and files of the split (each file's own counts under `split`), so that a file seen only in
+    validation is visible in the map too."""
+    split = stats_meta.get("split") or {}
+    return {"training_samples": split.get("train_samples", stats_meta.get("count")),
+            "validation_samples": split.get("val_samples"),
+            "split": {k: split[k] for k in ("val_fraction", "train_files", "val_files", "only_val", "exact", "files")
+                      if k in split}}
+
+
 def pc_arrays(grid: StateGrid) -> dict[str, np.ndarray]:
     """`pc_vectors` and `pc_origin` for a map on pc axes (keywords of `EnergyMap`), else none."""
     frame = grid.pc_frame()

@@ -32,6 +32,7 @@ from ebm_vae.energy.methods.common import (
     normalization,
     support_map,
     support_metadata,
+    training_data,
     vae_grid_stats,
 )
 
@@ -69,7 +70,7 @@ def marginal_map(request: MapRequest) -> EnergyMap:
         source_files=meta.get("files", []), checkpoint=request.checkpoint_metadata(),
         normalization=normalization(vae.state_info, grid.stats, float(vae.log_jacobian)),
         extra={"seed": int(ex.seed),
-               "training_samples": meta.get("split", {}).get("train_samples", meta.get("count")),
+               **training_data(meta),
                "statistics_created": meta.get("created"),
                "marginal": {**info, "inner_k": INNER_K}, "uncertainty": estimate.summary(),
                **support_metadata(vae, grid)},

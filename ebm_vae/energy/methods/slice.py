@@ -15,6 +15,7 @@ from ebm_vae.energy.methods.common import (
     pc_arrays,
     support_map,
     support_metadata,
+    training_data,
     vae_grid_stats,
 )
 
@@ -45,7 +46,7 @@ def slice_map(request: MapRequest) -> EnergyMap:
         checkpoint=request.checkpoint_metadata(),
         normalization=normalization(vae.state_info, grid.stats, float(vae.log_jacobian)),
         extra={"seed": int(ex.seed),
-               "training_samples": meta.get("split", {}).get("train_samples", meta.get("count")),
+               **training_data(meta),
                "statistics_created": meta.get("created"), "uncertainty": estimate.summary(),
                **support_metadata(vae, grid)},
     )
