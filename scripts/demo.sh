@@ -23,12 +23,14 @@ cat <<TXT
 Done in $(( $(date +%s) - start )) s.
   index:        index/manifest.parquet, index/<capsule>/stats.json
   checkpoints:  checkpoints/<capsule>/{last,epoch_NNN}.ckpt
-  energy maps:  energy_maps/<capsule>.npz and .png
+  energy maps:  energy_maps/<capsule>.npz and .png, the catalogue energy_maps/landscape.json
 
-The commands (ebm-vae-crawl, -train, -export; tensorboard) and the Python package live in .venv.
+The commands (ebm-vae-build, -query, -crawl, -train, -export; tensorboard) and the Python package
+live in .venv.
 In a new shell, enter it first, from $(pwd):
   source .venv/bin/activate
 then, for example:
   tensorboard --logdir logs/tensorboard          # loss curves: open http://localhost:6006
   ebm-vae-train --help                           # what you can choose and override
+  python -c 'from ebm_vae import EnergyLandscape; print(EnergyLandscape.open("energy_maps").capsules)'
 TXT

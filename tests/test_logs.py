@@ -344,5 +344,10 @@ def test_a_log_only_capsule_trains_and_exports_end_to_end(tmp_path):
                                      "export.axes=[ip,te]"], extra_dirs=[conf]))
     energy_map = EnergyMap.load(path)
     assert energy_map.metadata["capsule"] == "shots" and energy_map.energy_map.shape == (9, 9)
+    assert energy_map.metadata["skipped_rows"] == 60  # the lines that did not parse, behind the map too
+    counted = export(compose("export", ["capsule=shots", f"paths.root={out}", "export.method=histogram",
+                                        "export.out=" + str(out / "hist.npz"), "export.progress=false",
+                                        "export.plot=false", "export.axes=[ip,te]"], extra_dirs=[conf]))
+    assert EnergyMap.load(counted).metadata["skipped_rows"] == 60
     centre = expected.mean(axis=0)[[0, 2]]
     assert np.isfinite(energy_map.energy(centre[None, :])).all()

@@ -13,6 +13,7 @@ reported. States with a NaN/Inf component are dropped, as the training stream dr
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,7 +87,7 @@ class HistogramCounts:
 @dataclass
 class HistogramResult:
     counts: HistogramCounts
-    files: list[dict]  # {path, size, mtime_ns} of every file counted
+    files: list[dict]  # {path, size, mtime_ns, skipped_rows} of every file counted
     skipped: list[dict]  # {path, reason} of every file that failed
 
 
@@ -109,11 +110,13 @@ def histogram_energy(grid: StateGrid, capsule: CapsuleConfig, manifest: Manifest
         task = bar.add_task(f"histogram {capsule.name}", total=sum(e.n_samples for e in entries))
         for entry in entries:
             part = HistogramCounts(grid)
+            bad_rows: Counter[str] = Counter()  # rows or log lines of this file that do not parse
             try:
                 plan = entry_plan(extractor, entry)
                 if plan.state.shape != grid.state.shape:
                     raise ValueError(f"state shape {plan.state.shape} differs from the map's {grid.state.shape}")
-                for states in read_unit(extractor, manifest.root, WorkUnit.whole(entry, plan), chunk):
+                for states in read_unit(extractor, manifest.root, WorkUnit.whole(entry, plan), chunk,
+                                        skipped=bad_rows):
                     part.add(states)
                     bar.advance(task, len(states))
             except Exception as exc:  # a bad file never stops the pass; its partial counts are dropped
@@ -121,5 +124,6 @@ def histogram_energy(grid: StateGrid, capsule: CapsuleConfig, manifest: Manifest
                 skipped.append({"path": entry.path, "reason": one_line(exc)})
                 continue
             total.merge(part)
-            files.append({"path": entry.path, "size": entry.size, "mtime_ns": entry.mtime_ns})
+            files.append({"path": entry.path, "size": entry.size, "mtime_ns": entry.mtime_ns,
+                          "skipped_rows": bad_rows[entry.path]})
     return HistogramResult(total, files, skipped)

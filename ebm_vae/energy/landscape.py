@@ -210,7 +210,7 @@ class LandscapeEnergy:
     """
 
     energy: np.ndarray  # (N,) float64 nats
-    energy_std: np.ndarray | None  # (N,) float64 nats (model: the bound's Monte Carlo error), or None
+    energy_std: np.ndarray | None  # (N,) float64 nats (model: the members' spread and the bound's Monte Carlo error), or None
     source: str  # "model" | "map"
     path: Path  # the checkpoint or the map used
     method: str  # vae-iwae (k = ...), vae-elbo, or the map's method

@@ -138,6 +138,8 @@ def map_metadata(capsule: CapsuleConfig, grid: StateGrid, *, method: str, k: int
                   "channels": list(grid.state.channel_names) or list(grid.state.names),
                   "units": list(grid.state.channel_units) or list(grid.state.units)},
         "source_files": source_files,
+        # rows or log lines of those files that did not parse (counted per file by the statistics pass)
+        "skipped_rows": int(sum(f.get("skipped_rows") or 0 for f in source_files if isinstance(f, dict))),
         "checkpoint": checkpoint,
         "normalization": normalization,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -70,7 +70,7 @@ def marginal_map(request: MapRequest) -> EnergyMap:
         source_files=meta.get("files", []), checkpoint=request.checkpoint_metadata(),
         normalization=normalization(vae.state_info, grid.stats, float(vae.log_jacobian)),
         extra={"seed": int(ex.seed),
-               **training_data(meta),
+               **training_data(meta), "transform": vae.transform.describe(),
                "statistics_created": meta.get("created"),
                "marginal": {**info, "inner_k": INNER_K}, "uncertainty": estimate.summary(),
                **support_metadata(vae, grid)},

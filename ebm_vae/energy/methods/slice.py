@@ -46,7 +46,7 @@ def slice_map(request: MapRequest) -> EnergyMap:
         checkpoint=request.checkpoint_metadata(),
         normalization=normalization(vae.state_info, grid.stats, float(vae.log_jacobian)),
         extra={"seed": int(ex.seed),
-               **training_data(meta),
+               **training_data(meta), "transform": vae.transform.describe(),
                "statistics_created": meta.get("created"), "uncertainty": estimate.summary(),
                **support_metadata(vae, grid)},
     )
