@@ -150,15 +150,26 @@ def map_metadata(capsule: CapsuleConfig, grid: StateGrid, *, method: str, k: int
     }
 
 
-def training_data(stats_meta: dict[str, Any]) -> dict[str, Any]:
-    """What a learned map was trained on, from its checkpoint: the train and validation samples
-    and files of the split (each file's own counts under `split`), so that a file seen only in
-    validation is visible in the map too."""
-    split = stats_meta.get("split") or {}
-    return {"training_samples": split.get("train_samples", stats_meta.get("count")),
-            "validation_samples": split.get("val_samples"),
-            "split": {k: split[k] for k in ("val_fraction", "train_files", "val_files", "only_val", "exact", "files")
-                      if k in split}}
+def learned_map_metadata(request: MapRequest, vae, grid: StateGrid, *, method: str, quantity: str,
+                         definition: str, estimate, extra: dict[str, Any]) -> dict[str, Any]:
+    """`map_metadata` of a map made from a checkpoint: what it was trained on (the split's train
+    and validation samples and files, so that a file seen only in validation is visible in the
+    map too), the transform (field rank, bounds, excluded point masses), the uncertainty and
+    the support, beside the method's own `extra`."""
+    ex, meta = request.cfg.export, vae.hparams.stats_meta
+    split = meta.get("split") or {}
+    return map_metadata(
+        request.capsule, grid, method=method, k=int(ex.k), quantity=quantity, definition=definition,
+        source_files=meta.get("files", []), checkpoint=request.checkpoint_metadata(),
+        normalization=normalization(vae.state_info, grid.stats, float(vae.log_jacobian)),
+        extra={"seed": int(ex.seed),
+               "training_samples": split.get("train_samples", meta.get("count")),
+               "validation_samples": split.get("val_samples"),
+               "split": {k: split[k] for k in ("val_fraction", "train_files", "val_files", "only_val", "exact",
+                                               "files") if k in split},
+               "transform": vae.transform.describe(), "statistics_created": meta.get("created"),
+               "uncertainty": estimate.summary(), **support_metadata(vae, grid), **extra},
+    )
 
 
 def pc_arrays(grid: StateGrid) -> dict[str, np.ndarray]:

@@ -28,11 +28,8 @@ from ebm_vae.energy.mapfile import EnergyMap
 from ebm_vae.energy.marginal import MarginalError, ModelCoordinates, marginal_energy
 from ebm_vae.energy.methods.common import (
     MapRequest,
-    map_metadata,
-    normalization,
+    learned_map_metadata,
     support_map,
-    support_metadata,
-    training_data,
     vae_grid_stats,
 )
 
@@ -64,17 +61,9 @@ def marginal_map(request: MapRequest) -> EnergyMap:
     coords = vae_coordinates(vae, rows, origin, seed=int(ex.seed))
     estimate, info = marginal_energy(coords, grid.points(0, grid.n_points), k=int(ex.k), seed=int(ex.seed),
                                      progress=ex.progress, description=f"marginal {request.capsule.name}")
-    meta = vae.hparams.stats_meta
-    metadata = map_metadata(
-        request.capsule, grid, method="vae-iwae", k=int(ex.k), quantity="marginal", definition=DEFINITION,
-        source_files=meta.get("files", []), checkpoint=request.checkpoint_metadata(),
-        normalization=normalization(vae.state_info, grid.stats, float(vae.log_jacobian)),
-        extra={"seed": int(ex.seed),
-               **training_data(meta), "transform": vae.transform.describe(),
-               "statistics_created": meta.get("created"),
-               "marginal": {**info, "inner_k": INNER_K}, "uncertainty": estimate.summary(),
-               **support_metadata(vae, grid)},
-    )
+    metadata = learned_map_metadata(request, vae, grid, method="vae-iwae", quantity="marginal",
+                                    definition=DEFINITION, estimate=estimate,
+                                    extra={"marginal": {**info, "inner_k": INNER_K}})
     metadata["reference_state"] = {}  # nothing is held: every off-axis direction is integrated
     pcs = {"pc_vectors": rows, "pc_origin": origin} if grid.on_pcs else {}
     return EnergyMap(estimate.energy.reshape(grid.shape), [a.values for a in grid.axes], metadata,

@@ -10,12 +10,9 @@ from __future__ import annotations
 from ebm_vae.energy.mapfile import EnergyMap
 from ebm_vae.energy.methods.common import (
     MapRequest,
-    map_metadata,
-    normalization,
+    learned_map_metadata,
     pc_arrays,
     support_map,
-    support_metadata,
-    training_data,
     vae_grid_stats,
 )
 
@@ -39,16 +36,9 @@ def slice_map(request: MapRequest) -> EnergyMap:
     estimate = estimate_energy(vae, grid.states, grid.n_points, k=ex.k, seed=ex.seed, device=ex.device,
                                chunk_points=ex.chunk_points, progress=ex.progress,
                                description=f"export {request.capsule.name}")
-    meta = vae.hparams.stats_meta
-    metadata = map_metadata(
-        request.capsule, grid, method="vae-elbo" if ex.k == 1 else "vae-iwae", k=int(ex.k),
-        quantity="slice" if grid.state.dim > len(grid.axes) else "marginal", definition=DEFINITION, source_files=meta.get("files", []),
-        checkpoint=request.checkpoint_metadata(),
-        normalization=normalization(vae.state_info, grid.stats, float(vae.log_jacobian)),
-        extra={"seed": int(ex.seed),
-               **training_data(meta), "transform": vae.transform.describe(),
-               "statistics_created": meta.get("created"), "uncertainty": estimate.summary(),
-               **support_metadata(vae, grid)},
-    )
+    metadata = learned_map_metadata(
+        request, vae, grid, method="vae-elbo" if ex.k == 1 else "vae-iwae",
+        quantity="slice" if grid.state.dim > len(grid.axes) else "marginal", definition=DEFINITION,
+        estimate=estimate, extra={})
     return EnergyMap(estimate.energy.reshape(grid.shape), [a.values for a in grid.axes], metadata,
                      energy_std=estimate.std.reshape(grid.shape), support=support_map(vae, grid), **pc_arrays(grid))
