@@ -269,7 +269,9 @@ def _litdata(shards: dict[str, str], stream: StateStream, folder: Path, ours: fl
     try:
         from litdata import StreamingDataLoader, StreamingDataset, optimize
     except ImportError:
-        return {"litdata": "not installed (pip install litdata)"}
+        # not an extra of ours: litdata requires torchvision, whose latest release would make pip
+        # replace the CPU torch with another build
+        return {"litdata": "not installed (pip install litdata torchvision==<the release matching your torch>)"}
     arrays = [str(p) for p in shards.values()]
     shape = stream.state.shape
     start = time.perf_counter()
