@@ -40,7 +40,7 @@ from ebm_vae.data.readers.base import (
     one_line,
 )
 from ebm_vae.data.readers.parquet import column_to_numpy
-from ebm_vae.data.readers.text import LineRanges, is_text, parse_numbers, text_encoding
+from ebm_vae.data.readers.text import LineRanges, is_text, open_binary, parse_numbers, text_encoding
 
 SAMPLE_BYTES = 64 << 10  # the header and the lines that decide the column types...
 SAMPLE_LINES = 64  # ...at most this many of them
@@ -177,10 +177,7 @@ class CsvHandle(TableHandle):
 
     def __init__(self, path: Path, options: ReadOptions = DEFAULT_OPTIONS):
         self.path = path
-        try:
-            self._fh = open(path, "rb")  # noqa: SIM115 - held until close()
-        except OSError as exc:
-            raise ReadError(f"cannot open: {one_line(exc)}") from None
+        self._fh = open_binary(path)
         self.extent = os.fstat(self._fh.fileno()).st_size
         self._lines = LineRanges(self._fh.fileno(), self.extent)
         try:

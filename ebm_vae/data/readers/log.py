@@ -50,6 +50,7 @@ from ebm_vae.data.readers.parquet import column_to_numpy
 from ebm_vae.data.readers.text import (
     LineRanges,
     is_text,
+    open_binary,
     parse_numbers,
     text_encoding,
     whole_line_blocks,
@@ -264,10 +265,7 @@ class LogHandle(TableHandle):
 
     def __init__(self, path: Path, options: ReadOptions = DEFAULT_OPTIONS):
         self.path = path
-        try:
-            self._fh = open(path, "rb")  # noqa: SIM115 - held until close()
-        except OSError as exc:
-            raise ReadError(f"cannot open: {one_line(exc)}") from None
+        self._fh = open_binary(path)
         try:
             size = os.fstat(self._fh.fileno()).st_size
             self.compressed = os.pread(self._fh.fileno(), 2, 0) == GZIP_MAGIC

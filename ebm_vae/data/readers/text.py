@@ -10,16 +10,26 @@ from __future__ import annotations
 import codecs
 import os
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ebm_vae.data.readers.base import ReadError
+from ebm_vae.data.readers.base import ReadError, one_line
 
 COUNT_BYTES = 1 << 20  # newline counting and line searches read this much at a time
 NUMBER_RE = r"^[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)(e[+-]?[0-9]+)?|nan|inf|infinity)$"
 _ASCII_TEXT = bytes(range(32, 127)) + b"\t\n\r\f"
+
+
+def open_binary(path) -> Any:
+    """The file opened for byte-range reads (held by its handle until close()); a ReadError
+    with the reason when it cannot be opened."""
+    try:
+        return open(path, "rb")  # noqa: SIM115 - the caller's handle closes it
+    except OSError as exc:
+        raise ReadError(f"cannot open: {one_line(exc)}") from None
 
 
 def is_text(head: bytes) -> bool:
