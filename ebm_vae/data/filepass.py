@@ -40,6 +40,7 @@ from ebm_vae.data.units import (
     block_grid,
     byte_extent,
     check_unchanged,
+    deal,
     entry_plan,
 )
 from ebm_vae.isolation import Failure, IsolatedPool, heartbeat
@@ -271,16 +272,7 @@ def default_workers(configured: int | None, n_files: int) -> int:
 
 def share(tasks: Sequence[FileTask], rank: int, world: int) -> list[FileTask]:
     """The tasks of one rank: dealt in order to the rank holding the fewest bytes so far."""
-    if world == 1:
-        return list(tasks)
-    heap = [(0, r) for r in range(world)]
-    mine = []
-    for task in tasks:
-        load, owner = heapq.heappop(heap)
-        if owner == rank:
-            mine.append(task)
-        heapq.heappush(heap, (load + task.unit.size, owner))
-    return mine
+    return deal(tasks, lambda task: task.unit.size, world, rank)
 
 
 class Distributed:

@@ -9,7 +9,6 @@ owns its normalisation (`ebm_vae.model.transforms`), on whatever device it runs.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import os
@@ -27,7 +26,7 @@ from ebm_vae.data.extractors import Extractor, StateInfo
 from ebm_vae.data.readers.base import one_line
 from ebm_vae.data.report import StreamCounters
 from ebm_vae.data.shuffle import WindowShuffle
-from ebm_vae.data.units import OpenFiles, WorkUnit, chunk_samples, read_unit
+from ebm_vae.data.units import OpenFiles, WorkUnit, chunk_samples, deal, read_unit
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +38,7 @@ def split_units(units: Sequence[WorkUnit], rank: int, world: int, worker: int,
     Units go one by one to the share holding the fewest samples so far (ties: lowest share),
     so shares differ by at most one unit's samples whatever the file sizes.
     """
-    n_shares = world * n_workers
-    me = rank * n_workers + worker
-    heap = [(0, s) for s in range(n_shares)]
-    mine = []
-    for unit in units:
-        load, share = heapq.heappop(heap)
-        if share == me:
-            mine.append(unit)
-        heapq.heappush(heap, (load + unit.n_samples, share))
-    return mine
+    return deal(units, lambda unit: unit.n_samples, world * n_workers, rank * n_workers + worker)
 
 
 def _batched(chunks: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:

@@ -21,13 +21,14 @@ statistics pass, the training stream, the histogram export, the state cache) rea
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import math
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -406,3 +407,20 @@ class OpenFiles:
     def close(self) -> None:
         while self.handles:
             self.handles.popitem()[1].close()
+
+
+T = TypeVar("T")
+
+
+def deal(items: Sequence[T], weight: Callable[[T], int], n_shares: int, share: int) -> list[T]:
+    """The items of one share among `n_shares`, in the given order: each item goes to the share
+    holding the least weight so far (ties: the lowest share), so shares differ by at most one
+    item's weight whatever the sizes. Every share computes the same deal without talking."""
+    heap = [(0, s) for s in range(n_shares)]
+    mine = []
+    for item in items:
+        load, owner = heapq.heappop(heap)
+        if owner == share:
+            mine.append(item)
+        heapq.heappush(heap, (load + weight(item), owner))
+    return mine
