@@ -12,6 +12,7 @@ import pytest
 from ebm_vae import demo
 from ebm_vae.capsules import parse_capsule, visible_capsules
 from ebm_vae.data.extractors import EXTRACTORS, ExtractError
+from ebm_vae.data.extractors.base import flat_states
 from ebm_vae.data.extractors.grid import wrap_phase
 from ebm_vae.data.readers import READERS
 
@@ -33,8 +34,9 @@ def states(ex, path, chunk=3, start=0, stop=None):
     plan = ex.plan(reader.inspect(path))
     with reader.open(path) as handle:
         parts = list(ex.iter_states(handle, plan, start, plan.extent if stop is None else stop, chunk))
-    assert all(p.dtype == np.float32 and p.ndim == 2 for p in parts)
-    return plan, np.concatenate(parts)
+    # one state per row: (n, D), or (n, *shape) in any memory layout
+    assert all(p.dtype == np.float32 and p.shape[1:] in ((plan.state.dim,), plan.state.shape) for p in parts)
+    return plan, np.concatenate([flat_states(p) for p in parts])
 
 
 # ------------------------------------------------------------------------------------ fusion

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from ebm_vae.bench.fields import CASES, run_case
-from ebm_vae.data.extractors.base import StateInfo
+from ebm_vae.data.extractors.base import StateInfo, flat_states
 from ebm_vae.data.principal import (
     Covariance,
     Reservoir,
@@ -261,7 +261,7 @@ def test_demo_fusion_files_share_the_device_modes_and_switch_regimes(tmp_path):
         path = demo.write_fusion_plain(tmp_path / f"plasma_{seed}.h5", n_time=600, n=8, nz=4, seed=seed)
         plan = extractor.plan(READERS["hdf5"].inspect(path))
         with READERS["hdf5"].open(path) as handle:
-            states += list(extractor.iter_states(handle, plan, 0, plan.extent, 1000))
+            states += map(flat_states, extractor.iter_states(handle, plan, 0, plan.extent, 1000))
     cov = Covariance.of(np.concatenate(states))
     eigenvalues, components = cov.spectrum(1)
     assert eigenvalues[11] > 1e-4 * eigenvalues[0] and eigenvalues[12] < 1e-9 * eigenvalues[0]

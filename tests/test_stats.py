@@ -13,6 +13,7 @@ from ebm_vae import demo
 from ebm_vae.capsules import visible_capsules
 from ebm_vae.config import compose
 from ebm_vae.crawl.crawl import crawl
+from ebm_vae.data.extractors.base import flat_states
 from ebm_vae.data.principal import Reservoir
 from ebm_vae.data.stats import Moments, Stats, merge_stats, run_stats_pass
 
@@ -158,7 +159,7 @@ def test_field_stats_skip_a_minority_shape_and_keep_a_principal_basis(tmp_path, 
     for name in ("plasma_a.h5", "plasma_b.h5"):
         plan = ex.plan(READERS["hdf5"].inspect(root / name))
         with READERS["hdf5"].open(root / name) as h:
-            states += list(ex.iter_states(h, plan, 0, plan.extent, 100))
+            states += map(flat_states, ex.iter_states(h, plan, 0, plan.extent, 100))
     projected = (np.concatenate(states) - stats.mean) @ components[0]
     assert np.sqrt(np.mean(projected**2)) == pytest.approx(std[0], rel=1e-5)
     # quantiles of the principal coefficients (not of 192 pixels)

@@ -19,9 +19,10 @@ from ebm_vae.crawl.crawl import crawl
 from ebm_vae.data import stream as stream_module
 from ebm_vae.data.datamodule import CapsuleDataModule, StreamLoader, datamodule_from_config
 from ebm_vae.data.extractors import EXTRACTORS
+from ebm_vae.data.shuffle import WindowShuffle
 from ebm_vae.data.stats import Moments, Stats
 from ebm_vae.data.stream import StateStream, split_units
-from ebm_vae.data.units import make_units, plan_units, split_warnings
+from ebm_vae.data.units import make_units, mark_finite, plan_units, split_warnings
 
 # A user capsule whose first component is the row id: every sample is recognisable.
 IDS_CAPSULE = """\
@@ -168,11 +169,11 @@ def test_memory_bounded_on_a_file_much_larger_than_the_window(tree, monkeypatch)
             seen["max_chunk"] = max(seen["max_chunk"], len(array))
             yield from super().push(array, start, stop)
 
-        def _draw(self, n_batches):  # the window is at its fullest when it draws
+        def _draw(self, placement, shift):  # the window is at its fullest when it draws
             seen["max_held"] = max(seen["max_held"], self.held)
             seen["max_sources"] = max(seen["max_sources"], len({id(a) for a, _, _ in self.pieces}))
             seen["windows"] += 1
-            yield from super()._draw(n_batches)
+            yield from super()._draw(placement, shift)
 
     monkeypatch.setattr(stream_module, "WindowShuffle", WatchedWindow)
     stream = make_stream(manifest, capsule, unit_samples=20_000, batch_size=64, shuffle_buffer=256,
@@ -228,6 +229,47 @@ def test_non_finite_samples_are_dropped_and_counted(tree, tmp_path):
     (batch,) = list(stream.iter_share(0, 1, 0, 1))
     assert sorted(batch[:, 0].astype(int).tolist()) == [1, 2, 5, 7, 8]
     assert stream.dropped == 5
+
+
+def test_marked_finite_only_files_whose_statistics_found_every_state_finite(tree, tmp_path):
+    """The statistics pass's per-file counts let the stream skip its finiteness test, only for
+    the version of a file it read; a file with NaNs keeps the test and its drops."""
+    (tmp_path / "data").mkdir()
+    ids = np.arange(10, dtype=np.float64)
+    pq.write_table(pa.table({"id": ids, "value": np.where(ids % 3 == 0, np.nan, ids)}),
+                   tmp_path / "data" / "ids_00.parquet")
+    pq.write_table(pa.table({"id": ids + 10, "value": ids}), tmp_path / "data" / "ids_01.parquet")
+    manifest, capsule, _ = tree([])
+    stats = identity_stats(capsule)
+    extractor = EXTRACTORS["table"](capsule)
+    units = make_units(manifest.usable("ids"), extractor, stats.state_info, 256, 1 << 20)
+    records = [{"path": u.path, "size": u.size, "mtime_ns": u.mtime_ns, "n_read": 10,
+                "n_finite": 6 if u.path.endswith("00.parquet") else 10} for u in units]
+    stale = [{**r, "mtime_ns": r["mtime_ns"] + 1} for r in records]
+    assert [u.finite for u in mark_finite(units, records)] == [False, True]
+    assert not any(u.finite for u in mark_finite(units, stale))  # another version of the files
+    stream = StateStream(mark_finite(units, records), extractor, stats.state_info, manifest.root,
+                         batch_size=100, train=False)
+    (batch,) = list(stream.iter_share(0, 1, 0, 1))
+    assert sorted(batch[:, 0].astype(int).tolist()) == [1, 2, 4, 5, 7, 8, *range(10, 20)]
+    assert stream.dropped == 4
+
+
+@pytest.mark.parametrize("spatial", [(4, 5), (8, 12)])  # 60 and 288 components: both gather paths
+def test_the_shuffle_takes_rows_of_any_layout_and_yields_flat_states(spatial):
+    """A field read channels-last goes in as its channels-first view and comes out transposed
+    by the shuffle's one copy, beside contiguous (n, D) sources."""
+    rng = np.random.default_rng(0)
+    view = np.moveaxis(rng.normal(size=(50, *spatial, 3)).astype(np.float32), -1, 1)  # (50, 3, h, w)
+    assert not view.flags.c_contiguous
+    dim = view[0].size
+    plain = rng.normal(size=(30, dim)).astype(np.float32)
+    shuffle = WindowShuffle(16, 8, dim, np.random.default_rng(1))
+    got = np.concatenate([*shuffle.push(view, 3), *shuffle.push(plain), *shuffle.drain()])
+    want = np.concatenate([np.ascontiguousarray(view[3:]).reshape(47, dim), plain])
+    assert got.shape == (72, dim)  # 77 states: 9 whole batches, 5 wait for the next pass
+    assert {r.tobytes() for r in got} <= {r.tobytes() for r in want}
+    assert len({r.tobytes() for r in got}) == 72
 
 
 def test_csv_units_split_bytes_and_cover_every_row(tree):

@@ -25,7 +25,14 @@ from ebm_vae.data.extractors import EXTRACTORS, StateInfo
 from ebm_vae.data.filepass import fill_cache, launched_ranks
 from ebm_vae.data.stats import Stats, run_stats_pass
 from ebm_vae.data.stream import StateStream, stream_args
-from ebm_vae.data.units import WorkUnit, block_grid, entry_plan, plan_units, split_warnings
+from ebm_vae.data.units import (
+    WorkUnit,
+    block_grid,
+    entry_plan,
+    mark_finite,
+    plan_units,
+    split_warnings,
+)
 from ebm_vae.errors import ConfigError
 from ebm_vae.locks import output_lock
 
@@ -67,7 +74,7 @@ class CapsuleDataModule(L.LightningDataModule):
             raise ConfigError(f"capsule '{capsule.name}': none of the usable files in the index of "
                               f"data.root={manifest.root} has the state shape {self.state.shape} of its "
                               "statistics; re-run ebm-vae-crawl data.root=DIR")
-        self.train_units, self.val_units = split.train, split.val
+        self.train_units, self.val_units = (mark_finite(units, stats.files) for units in (split.train, split.val))
         self.split = split.report({f["path"]: f["blocks"] for f in stats.files if "blocks" in f})
         for line in split_warnings(self.split):
             log.warning("capsule %s: %s", capsule.name, line)

@@ -33,6 +33,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ebm_vae.data.cache import StateCache
 from ebm_vae.data.extractors import Extractor, StateInfo
+from ebm_vae.data.extractors.base import flat_states
 from ebm_vae.data.readers.base import one_line
 from ebm_vae.data.units import (
     BlockGrid,
@@ -89,13 +90,13 @@ def _chunks(extractor: Extractor, handle: Any, task: FileTask, chunk: int) -> It
     if byte_extent(task.unit.format) and not grid.by_sample:
         for block in range(grid.n_blocks):
             start, stop = grid.bounds(block, block + 1)
-            for states in extractor.iter_states(handle, plan, start, stop, chunk):
+            for states in map(flat_states, extractor.iter_states(handle, plan, start, stop, chunk)):
                 yield states, np.full(len(states), block)
         return
     # a block of the grid holds `per_block` consecutive samples
     per_block = grid.length if grid.by_sample else grid.length * (plan.n_samples // max(1, plan.extent))
     position = 0
-    for states in extractor.iter_states(handle, plan, 0, plan.extent, chunk):
+    for states in map(flat_states, extractor.iter_states(handle, plan, 0, plan.extent, chunk)):
         yield states, (position + np.arange(len(states))) // max(1, per_block)
         position += len(states)
 

@@ -23,6 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ebm_vae.data.cache import OpenShards, read_cached
 from ebm_vae.data.extractors import Extractor, StateInfo
+from ebm_vae.data.extractors.base import flat_states
 from ebm_vae.data.readers.base import one_line
 from ebm_vae.data.report import StreamCounters
 from ebm_vae.data.shuffle import WindowShuffle
@@ -169,7 +170,7 @@ class StateStream(IterableDataset):
         self._slot = worker
         if not self.train:
             mine = split_units(self.units, rank, world, worker, n_workers)
-            yield from _batched(self._states(mine), self.batch_size)
+            yield from _batched(map(flat_states, self._states(mine)), self.batch_size)
             return
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
         units = [self.units[i] for i in order]
@@ -245,7 +246,7 @@ class StateStream(IterableDataset):
 
     def _states(self, units: Iterable[WorkUnit]) -> Iterator[np.ndarray]:
         """Finite states of `units` in physical units, chunk by chunk (from the cache where it
-        holds them); bad files skipped."""
+        holds them), one state per row in any layout (`Extractor.iter_states`); bad files skipped."""
         dropped_here = 0
         files, shards = self._open_sources()
         try:
@@ -260,12 +261,13 @@ class StateStream(IterableDataset):
                         rows, dropped = found
                         read = dropped
                         source = read_cached(shards.get(unit.path), rows, self.chunk)
-                    else:
-                        source = read_unit(self.extractor, self.root, unit, self.chunk, files, skipped_rows)
+                    else:  # rows of any layout: the shuffle's copy (or _batched's) makes them batches
+                        source = read_unit(self.extractor, self.root, unit, self.chunk, files, skipped_rows,
+                                           flat=False)
                     for states in source:
                         read += len(states)
-                        if not all_finite(states):  # the per-row test only when needed
-                            finite = np.isfinite(states).all(axis=1)
+                        if not (unit.finite or all_finite(states)):  # the per-row test only when needed
+                            finite = np.isfinite(states).reshape(len(states), -1).all(axis=1)
                             dropped += int(len(finite) - finite.sum())
                             states = states[finite]
                         if len(states):

@@ -26,13 +26,14 @@ import logging
 import math
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from ebm_vae.data.extractors import Extractor, FilePlan, StateInfo
+from ebm_vae.data.extractors.base import flat_states
 from ebm_vae.data.readers import (
     DEFAULT_OPTIONS,
     READERS,
@@ -118,6 +119,9 @@ class WorkUnit:
     # the parts read, sorted and disjoint, in the coordinates of the file's BlockGrid (samples
     # for a whole_file plan, else the extent); empty = all of [start, stop)
     ranges: tuple[tuple[int, int], ...] = ()
+    # the statistics pass read this file (this size and mtime) and found every state finite, so
+    # the stream need not test them again (`mark_finite`; `read_unit` refuses it once changed)
+    finite: bool = False
 
     @property
     def spans(self) -> tuple[tuple[int, int], ...]:
@@ -290,6 +294,15 @@ def make_units(entries: Iterable[ManifestEntry], extractor: Extractor, state: St
     return plan_units(entries, extractor, state, unit_samples, unit_bytes).train
 
 
+def mark_finite(units: Iterable[WorkUnit], files: Iterable[dict[str, Any]]) -> list[WorkUnit]:
+    """The units, marked `finite` where the statistics pass's record of their file (`Stats.files`:
+    path, size, mtime_ns, n_read, n_finite) says it read every state of this version finite. The
+    test it saves is a pass over every state, a tenth of a field epoch's reading time."""
+    clean = {(f["path"], f["size"], f["mtime_ns"]) for f in files
+             if "size" in f and f["n_read"] == f["n_finite"]}
+    return [replace(u, finite=True) if (u.path, u.size, u.mtime_ns) in clean else u for u in units]
+
+
 def chunk_samples(state: StateInfo, chunk_bytes: int) -> int:
     """Samples per extractor read so that one chunk of float32 states is about `chunk_bytes`."""
     return max(1, chunk_bytes // (4 * state.dim))
@@ -306,29 +319,34 @@ def check_unchanged(root: Path, unit: WorkUnit) -> Path:
 
 
 def read_unit(extractor: Extractor, root: Path, unit: WorkUnit, chunk: int,
-              files: OpenFiles | None = None, skipped: Counter[str] | None = None) -> Iterator[np.ndarray]:
+              files: OpenFiles | None = None, skipped: Counter[str] | None = None,
+              flat: bool = True) -> Iterator[np.ndarray]:
     """The states of one unit, chunk by chunk; raises for a missing, changed or unreadable file.
 
     With `files`, the handle comes from (and stays in) that cache of open files. With
     `skipped`, the rows the unit's reads skipped (log lines that do not parse, ragged CSV rows:
-    `Handle.skipped_rows`) are added to `skipped[unit.path]`, also when the read stops early."""
+    `Handle.skipped_rows`) are added to `skipped[unit.path]`, also when the read stops early.
+    `flat=False` passes on what the extractor yields (rows of any layout: `Extractor.iter_states`)
+    instead of (n, D) arrays."""
     path = check_unchanged(root, unit)
     if files is None:
         with extractor.open(path, unit.format) as handle:
-            yield from _counted(extractor, handle, unit, chunk, skipped)
+            yield from _counted(extractor, handle, unit, chunk, skipped, flat)
         return
     try:
-        yield from _counted(extractor, files.open(path, unit.format, extractor.read_options), unit, chunk, skipped)
+        yield from _counted(extractor, files.open(path, unit.format, extractor.read_options), unit, chunk,
+                            skipped, flat)
     except Exception:
         files.discard(path)
         raise
 
 
 def _counted(extractor: Extractor, handle: Handle, unit: WorkUnit, chunk: int,
-             skipped: Counter[str] | None) -> Iterator[np.ndarray]:
+             skipped: Counter[str] | None, flat: bool) -> Iterator[np.ndarray]:
     before = handle.skipped_rows
     try:
-        yield from read_ranges(extractor, handle, unit, chunk)
+        for states in read_ranges(extractor, handle, unit, chunk):
+            yield flat_states(states) if flat else states
     finally:
         if skipped is not None and handle.skipped_rows > before:
             skipped[unit.path] += handle.skipped_rows - before

@@ -1,6 +1,6 @@
 """What every state extractor offers: a plan per file (at crawl time) and state vectors per range.
 
-An extractor turns a file of its capsule into flat float32 state vectors in physical units,
+An extractor turns a file of its capsule into float32 state vectors in physical units,
 C-order over `StateInfo.shape`. It never loads a whole file: `iter_states` reads the range
 [start, stop) of the plan's extent a chunk at a time.
 """
@@ -112,10 +112,18 @@ class Extractor(ABC):
     @abstractmethod
     def iter_states(self, handle: ArrayHandle | TableHandle, plan: FilePlan, start: int,
                     stop: int, chunk: int) -> Iterator[np.ndarray]:
-        """Yield float32 arrays (n, D) of states over [start, stop) of `plan.extent`.
+        """Yield float32 arrays of the states over [start, stop) of `plan.extent`, one state per
+        row: (n, D), or (n, *state.shape) in any memory layout (a field read channels-last
+        yields its channels-first view: the training shuffle's one copy of each state then
+        transposes it; `flat_states` gives (n, D) to every other reader).
 
         NaN/Inf values pass through (the stream counts and drops them).
         """
+
+
+def flat_states(states: np.ndarray) -> np.ndarray:
+    """(n, D) C-contiguous states from what `iter_states` yields (a copy only of a strided view)."""
+    return np.ascontiguousarray(states).reshape(len(states), -1)
 
 
 def read_options(capsule: CapsuleConfig) -> ReadOptions:

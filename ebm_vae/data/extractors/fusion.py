@@ -113,9 +113,10 @@ class FusionExtractor(Extractor):
             t1 = min(layout.n_time, t0 + max(1, chunk), t0 + (stop - sample))
             lead = (traj, slice(t0, t1)) if layout.well else (slice(t0, t1),)
             block = handle.read(layout.dataset, (*lead, slice(None), slice(None), iz, slice(None)))
-            block = np.moveaxis(np.asarray(block, dtype=np.float32), -1, 1)  # (n, 3, x, y)
+            block = np.asarray(block, dtype=np.float32)  # (n, x, y, 3)
             if layout.scale != 1.0:
                 block = block * np.float32(layout.scale)
-            block = avg_pool(block, pool)
-            yield np.ascontiguousarray(block, dtype=np.float32).reshape(len(block), -1)
+            # channels first, as a view: the one copy of a state (the stream's shuffle, or
+            # flat_states) transposes it
+            yield avg_pool(np.moveaxis(block, -1, 1), pool)
             sample += t1 - t0
