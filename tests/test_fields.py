@@ -15,6 +15,7 @@ an ensemble of 4 VAEs with flow priors):
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -155,6 +156,32 @@ def test_reservoir_merge_is_a_uniform_sample_of_the_union():
     small = Reservoir(10, 3, seed=0)
     small.add(np.ones((4, 3), dtype=np.float32))
     assert small.sample.shape == (4, 3)  # storage grows with what it has seen
+
+
+def test_reservoir_sample_is_the_same_array_whatever_the_order_and_grouping_of_merges():
+    rng = np.random.default_rng(0)
+    parts = []
+    for seed in range(6):
+        part = Reservoir(50, 4, seed=seed)
+        for _ in range(3):
+            part.add(rng.normal(size=(int(rng.integers(5, 40)), 4)).astype(np.float32))
+        parts.append(part)
+
+    def merged(groups):
+        out = Reservoir(50, 4)
+        for group in groups:
+            inner = Reservoir(50, 4)
+            for i in group:
+                inner.merge(copy.deepcopy(parts[i]))
+            out.merge(inner)
+        return out
+
+    one_by_one, grouped = merged([[i] for i in range(6)]), merged([[5, 2], [0, 4, 1], [3]])
+    np.testing.assert_array_equal(one_by_one.sample, grouped.sample)
+    every_key = np.concatenate([p.keys for p in parts])
+    np.testing.assert_array_equal(np.sort(grouped.keys), np.sort(every_key)[:50])  # the bottom 50
+    rows = {tuple(r) for p in parts for r, key in zip(p.data, p.keys, strict=True) if key <= np.sort(every_key)[49]}
+    assert {tuple(r) for r in grouped.sample} == rows
 
 
 @pytest.mark.parametrize("n", [3000, 30_000])

@@ -81,20 +81,25 @@ class Reservoir:
     and the sample is the `size` states of smallest key (a bottom-k sample). `merge` keeps the
     smallest keys of both, so the merge of reservoirs of disjoint streams is exactly the
     reservoir of their union, in any order and grouping: workers, files and ranks (each seeding
-    its reservoirs per file) give the sample of one pass. The sample is held in key order.
-    Storage grows with the states seen, up to `size` (a reservoir per small file stays small).
+    its reservoirs per file) give the sample of one pass. `sample` is in key order, so it is
+    the same array whatever the order of the merges. Storage grows with the states seen, up to
+    `size` (a reservoir per small file stays small); a state that enters a full reservoir takes
+    the row of the one it evicts, so a merge copies the entering states only (rebuilding the
+    sample in key order on every merge made the statistics pass's serial part: 2 of 6 s on
+    600 MB of 3 x 32 x 32 fields).
     """
 
     def __init__(self, size: int, dim: int, seed: int = 0):
         self.size, self.dim = size, dim
-        self.data = np.empty((0, dim), dtype=np.float32)
+        self.data = np.empty((0, dim), dtype=np.float32)  # row i holds the state of keys[i]
         self.keys = np.empty(0)
         self.seen = 0
         self.rng = np.random.default_rng(seed)
 
     @property
     def sample(self) -> np.ndarray:
-        return self.data
+        """The kept states, in key order."""
+        return self.data[np.argsort(self.keys, kind="stable")]
 
     def add(self, states: np.ndarray) -> None:
         """Take in a chunk: each of its finite states with a key of its own."""
@@ -109,20 +114,26 @@ class Reservoir:
         return self
 
     def _keep(self, keys: np.ndarray, states: np.ndarray) -> None:
-        if len(self.keys) >= self.size and len(keys):  # only keys below the largest kept can enter
-            entering = keys < self.keys[-1]
+        held = len(self.keys)
+        if held >= self.size and len(keys):  # only keys below the largest kept can enter
+            entering = keys < self.keys.max()
             keys, states = keys[entering], states[entering]
         if not len(keys):
             return
-        held = len(self.keys)
         every = np.concatenate([self.keys, keys])
-        kept = np.argpartition(every, self.size - 1)[: self.size] if len(every) > self.size else np.arange(len(every))
-        kept = kept[np.argsort(every[kept], kind="stable")]
-        old = kept < held
-        data = np.empty((len(kept), self.dim), dtype=np.float32)
-        data[old] = self.data[kept[old]]
-        data[~old] = states[kept[~old] - held]
-        self.keys, self.data = every[kept], data
+        if len(every) <= self.size:  # room for all: append
+            self.keys, self.data = every, np.concatenate([self.data, states])
+            return
+        kept = np.argpartition(every, self.size - 1)[: self.size]
+        entered = kept[kept >= held] - held
+        # the rows of the evicted states, then new rows up to `size`: one per entering state
+        evicted = np.setdiff1d(np.arange(held), kept[kept < held], assume_unique=True)
+        rows = np.concatenate([evicted, np.arange(held, self.size)])
+        if held < self.size:
+            self.keys = np.concatenate([self.keys, np.empty(self.size - held)])
+            self.data = np.concatenate([self.data, np.empty((self.size - held, self.dim), np.float32)])
+        self.keys[rows] = keys[entered]
+        self.data[rows] = states[entered]
 
     def spectrum(self, mean: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
         """(leading eigenvalues (<= k), eigenvectors as rows, total variance) of the sample's
