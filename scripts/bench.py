@@ -1,11 +1,12 @@
-"""Benchmarks: `python scripts/bench.py SECTION [--json] [--gpu] [--quick]`.
+"""Benchmarks: `python scripts/bench.py SECTION [SECTION ...] [--json] [--gpu] [--quick]`.
 
 SECTION is one of crawl, stream, train, export, study, accuracy, scaling, fields, build, all. Each prints its figures
 beside a baseline measured in the same run, with their ratio; `--json` prints one JSON object
 keyed by section, then by format or case (see DESIGN.md, "Benchmark JSON"). `all` (every
-section but the long accuracy, scaling and build runs) ends with a one-screen summary: each figure, its baseline and their ratio,
-with the date, the machine and its load (also under the JSON's "summary" key; the table goes
-to stderr with --json, so that stdout stays one JSON object).
+section but the long accuracy, scaling and build runs) and any run of several sections end with
+a one-screen summary: each figure, its baseline and their ratio, with the date, the machine and
+its load (also under the JSON's "summary" key; the table goes to stderr with --json, so that
+stdout stays one JSON object).
 """
 
 from __future__ import annotations
@@ -89,13 +90,14 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def format_summary(rows: list[dict[str, Any]], before: dict[str, Any], after: dict[str, Any]) -> str:
+def format_summary(rows: list[dict[str, Any]], before: dict[str, Any], after: dict[str, Any],
+                   command: str = "bench.py all") -> str:
     def number(x: Any) -> str:
         if x is None:
             return "-"
         return f"{x:,.3g}" if abs(x) < 1000 else f"{x:,.0f}"
 
-    lines = [f"bench.py all, {after['date']} on {after['host']} ({after['cpu']}, {after['cpus']} CPUs"
+    lines = [f"{command}, {after['date']} on {after['host']} ({after['cpu']}, {after['cpus']} CPUs"
              f"{', ' + after['gpu'] if 'gpu' in after else ''}); load average "
              f"{before.get('load_avg_1min', '?')} at the start, {after.get('load_avg_1min', '?')} at the end",
              f"{'section':8} {'case':32} {'figure':>14} {'baseline':>14} {'ratio':>7} {'target':>7}"]
@@ -107,7 +109,7 @@ def format_summary(rows: list[dict[str, Any]], before: dict[str, Any], after: di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("section", choices=SECTIONS + ["all"])
+    parser.add_argument("section", nargs="+", choices=SECTIONS + ["all"])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--gpu", action="store_true", help="also run the CUDA figures")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke runs, CI)")
@@ -117,20 +119,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="fields: also score an earlier checkout's model on the same data")
     args = parser.parse_args(argv)
 
-    sections = [s for s in SECTIONS if s not in ("scaling", "accuracy", "build")] if args.section == "all" else [args.section]
+    if "all" in args.section:
+        sections = [s for s in SECTIONS if s not in ("scaling", "accuracy", "build")]
+    else:
+        sections = list(dict.fromkeys(args.section))
     start = machine()
     results = {}
     for name in sections:
         module = importlib.import_module(f"ebm_vae.bench.{name}")
         results[name] = module.run(args)
-    payload: dict[str, Any] = results if args.section == "all" else results[args.section]
+    summarised = len(sections) > 1
+    payload: dict[str, Any] = results if summarised else results[sections[0]]
     table = None
-    if args.section == "all":
+    if summarised:
         end = machine()
         rows = summary_rows(results)
         payload = {**results, "summary": {"machine": end, "load_avg_1min_start": start.get("load_avg_1min"),
                                           "rows": rows}}
-        table = format_summary(rows, start, end)
+        table = format_summary(rows, start, end, "bench.py " + " ".join(args.section))
     text = json.dumps(payload, indent=2, default=float)
     if args.json:
         print(text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import itertools
 import shutil
 from datetime import datetime, timezone
 
@@ -17,6 +18,7 @@ import pytest
 from ebm_vae import demo
 from ebm_vae.data.readers import READERS, ReadError, read_head, sniff_format
 from ebm_vae.data.readers.hdf5 import chunk_cache_bytes
+from ebm_vae.data.readers.text import LineRanges
 
 # --------------------------------------------------------------------------- sniffing
 
@@ -219,6 +221,35 @@ def test_csv_random_byte_partitions_read_every_row_once(tmp_path, newline, trail
                     assert len(batch["frequency"]) <= 16
                     got.append(batch["frequency"])
             np.testing.assert_array_equal(np.concatenate(got), expected)
+
+
+@pytest.mark.parametrize("trailing_newline", [True, False])
+def test_line_ranges_give_whole_lines_once_from_reused_buffers(tmp_path, trailing_newline):
+    """Blocks hold whole lines (one longer than a block waits for the reads that complete it),
+    every line goes to the range its first byte is in, and two ranges read in turns do not
+    overwrite each other's blocks (each has its own buffer while it is read)."""
+    rng = np.random.default_rng(0)
+    lines = [b"x" * int(n) for n in rng.integers(0, 12, 300)] + [b"long" * 20] + [b"tail"]
+    data = b"\n".join(lines) + (b"\n" if trailing_newline else b"")
+    path = tmp_path / "lines.txt"
+    path.write_bytes(data)
+    starts = [0, *(i + 1 for i, byte in enumerate(data) if byte == ord("\n") and i + 1 < len(data))]
+    with open(path, "rb") as fh:
+        ranges = LineRanges(fh.fileno(), len(data))
+        for block_bytes in (7, 64, 1 << 16):
+            cuts = sorted({0, len(data), *rng.integers(0, len(data), 5).tolist()})
+            for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
+                got = b"".join(bytes(b) for b in ranges.blocks(start, stop, 0, block_bytes))
+                owned = [s for s in starts if start <= s < stop]
+                want = data[owned[0] : next((s for s in starts if s >= stop), len(data))] if owned else b""
+                assert got == want
+            half = starts[len(starts) // 2]
+            first, second = ranges.blocks(0, half, 0, block_bytes), ranges.blocks(half, len(data), 0, block_bytes)
+            got_first, got_second = [], []
+            for a, b in itertools.zip_longest(first, second):  # both views held, then copied
+                got_first.append(bytes(a) if a is not None else b"")
+                got_second.append(bytes(b) if b is not None else b"")
+            assert b"".join(got_first) == data[:half] and b"".join(got_second) == data[half:]
 
 
 def test_csv_junk_and_timestamps(tmp_path):

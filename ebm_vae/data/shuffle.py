@@ -66,6 +66,11 @@ class WindowShuffle:
         if len(self.pieces) == 1:  # the window is one slice of one source: positions are its rows
             source, first, stop = self.pieces[0]
             where = None
+        elif self.dim < LARGE_ROW:  # small rows: one copy of the window (a few hundred kB) costs
+            # less than grouping every batch by source (an argsort per batch: half a Parquet epoch)
+            pieces = [a[lo:hi].reshape(hi - lo, self.dim) for a, lo, hi in self.pieces]
+            source, first, stop = np.concatenate(pieces), 0, self.held
+            where = None
         else:  # the (piece, row) of every position
             where = (np.repeat(np.arange(len(self.pieces)), [b - a for _, a, b in self.pieces]),
                      np.concatenate([np.arange(a, b) for _, a, b in self.pieces]))

@@ -151,7 +151,7 @@ def _column_type(name: str, values: list[str]) -> pa.DataType:
     return TIME_TYPES[0] if name.lower() in TIME_NAMES else pa.string()
 
 
-def _parse(block: bytes, names: tuple[str, ...], types: dict[str, pa.DataType],
+def _parse(block: bytes | memoryview, names: tuple[str, ...], types: dict[str, pa.DataType],
            columns: list[str] | None = None, encoding: str = "utf8") -> tuple[pa.Table, int]:
     """One block of whole data lines, and how many rows it skipped for a wrong number of fields.
 
@@ -172,6 +172,9 @@ def _parse(block: bytes, names: tuple[str, ...], types: dict[str, pa.DataType],
         convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns or list(names)),
     )
     return table, ragged
+
+
+MAX_BLOCK_BYTES = 16 << 20
 
 
 class CsvHandle(TableHandle):
@@ -207,7 +210,7 @@ class CsvHandle(TableHandle):
     def count_rows(self) -> int:
         return self._lines.count_lines(self._layout.data_start)
 
-    def _to_numpy(self, block: bytes, columns: list[str]) -> dict[str, np.ndarray]:
+    def _to_numpy(self, block: memoryview, columns: list[str]) -> dict[str, np.ndarray]:
         types = {c: self._layout.types[c] for c in columns}
         try:
             table, ragged = _parse(block, self._layout.names, types, columns, self._layout.encoding)
@@ -238,9 +241,11 @@ class CsvHandle(TableHandle):
         if missing:
             raise ReadError(f"missing columns {missing}")
         stop = self.extent if stop is None else stop
-        block_bytes = int(min(64 << 20, max(64 << 10, batch_rows * self._layout.line_bytes)))
+        # at most 16 MiB: the read buffers are kept for reuse (`LineRanges.blocks`), and Arrow
+        # parses blocks of 8 MiB as fast as larger ones
+        block_bytes = int(min(MAX_BLOCK_BYTES, max(64 << 10, batch_rows * self._layout.line_bytes)))
         for block in self._lines.blocks(start, stop, self._layout.data_start, block_bytes):
-            if block.isspace():  # stops at the first character that is not space: no copy
+            if block[:1].tobytes().isspace() and bytes(block).isspace():  # blank lines only
                 continue
             arrays = self._to_numpy(block, columns)
             n = len(arrays[columns[0]]) if columns else 0

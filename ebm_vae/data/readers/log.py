@@ -288,7 +288,7 @@ class LogHandle(TableHandle):
 
     def _blocks(self, start: int, stop: int) -> Iterator[bytes]:
         if not self.compressed:
-            yield from self._lines.blocks(start, stop, 0, BLOCK_BYTES)
+            yield from map(bytes, self._lines.blocks(start, stop, 0, BLOCK_BYTES))  # the parse needs bytes
         elif start <= 0 < stop:  # a stream: the range holding byte 0 reads it all
             yield from whole_line_blocks(_gzip_chunks(self.path, BLOCK_BYTES))
 
