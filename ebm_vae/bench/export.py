@@ -11,12 +11,13 @@ MLP core over `FIELD_RANK` coefficients. The k = 1 ratio shows the cost of the E
 forward pass (one latent draw, the Gaussian log densities); at k = 64 the decoder runs 64
 times per point, so the ratio is expected near 1/64 or above.
 
-Marginal maps (`fusion_marginal_r<rank>_cpu`): the seconds of a 128 x 128 marginal map
-(32 x 32 with --quick) at k = 64 of the fusion model with a core of 16 and of 48 principal
-coefficients, beside the slice map of the same grid and k (`evaluate_energy`), and their
-ratio. The models are untrained: the marginal's adaptive draws depend on the weights, and an
-untrained core (its encoder far from its posterior) draws more than a trained one, so these
-are upper figures.
+Marginal maps (`fusion_marginal_r<rank>_cpu`): the seconds of a 32 x 32 marginal map
+(16 x 16 with --quick) at k = 64 of the fusion model with a core of 16 and of 48 principal
+coefficients, beside the slice map of the same grid and k (`evaluate_energy`), their ratio,
+and `seconds_128x128_estimate` (the cost is per point: x 16). A 128 x 128 map itself takes
+tens of minutes on one CPU thread, too long for a benchmark section. The models are
+untrained: the marginal's adaptive draws depend on the weights, and an untrained core (its
+encoder far from its posterior) draws more than a trained one, so these are upper figures.
 
 CPU figures are single-threaded, best of `REPEATS` run in turns, per CPU-second (the
 machine may be shared) with wall-clock beside. With --gpu (and a CUDA device): the same
@@ -168,12 +169,14 @@ def _marginal_case(state: StateInfo, rank: int, resolution: int, k: int) -> dict
     slice_wall, slice_cpu = _timed(lambda: _energy(vae, grid, grid.n_points, k, 4096, cpu), cpu)
     return {"marginal_seconds": marginal_wall, "marginal_cpu_seconds": marginal_cpu,
             "slice_seconds": slice_wall, "slice_cpu_seconds": slice_cpu, "ratio": marginal_cpu / slice_cpu,
+            "marginal_points_per_cpu_s": grid.n_points / marginal_cpu,
+            "seconds_128x128_estimate": marginal_wall * 128**2 / grid.n_points,
             "resolution": resolution, "k": k, "rank": rank, "threads": 1}
 
 
 def _marginal_cases(quick: bool) -> dict[str, dict[str, Any]]:
     state, _ = _case("fusion", quick)
-    return {f"fusion_marginal_r{rank}_cpu": _marginal_case(state, rank, 32 if quick else 128, 64)
+    return {f"fusion_marginal_r{rank}_cpu": _marginal_case(state, rank, 16 if quick else 32, 64)
             for rank in MARGINAL_RANKS}
 
 
