@@ -144,12 +144,13 @@ class Reservoir:
         their estimation errors cancel (with the exact total, a 2 % error of a leading
         eigenvalue of a strong mode would move a small residual variance by tens of percent).
         """
-        basis = principal_basis(self.sample, mean, k, seed=seed)
+        sample = self.sample  # sorted into key order once
+        basis = principal_basis(sample, mean, k, seed=seed)
         if basis is None:
             return np.zeros(0), np.zeros((0, self.dim)), 0.0
         total = sum(float(np.sum(np.square(block.astype(np.float64) - mean)))
-                    for block in np.array_split(self.sample, max(1, len(self.sample) // 256)))
-        return np.square(basis["std"]), basis["components"], total / len(self.sample)
+                    for block in np.array_split(sample, max(1, len(sample) // 256)))
+        return np.square(basis["std"]), basis["components"], total / len(sample)
 
 
 Accumulator = Covariance | Reservoir
@@ -262,7 +263,7 @@ def principal_summary(accumulator: Accumulator, mean: np.ndarray, variance: np.n
         samples, total = accumulator.count, float(np.sum(variance))
     else:
         eigenvalues, components, total = accumulator.spectrum(mean, k)
-        samples = len(accumulator.sample)
+        samples = len(accumulator.keys)  # the states held (`sample` would sort them)
     if samples < 2 or not len(components):
         return None
     floor = noise_floor(mean, float(np.sum(variance)))
